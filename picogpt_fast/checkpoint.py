@@ -1,0 +1,52 @@
+"""Write GPT-2 checkpoints in Hugging Face layout (config.json + model.safetensors [+ tokenizer]).
+
+Tests and benchmarks build small random models with this and load them back through the real
+loader, so that every code path a downloaded model takes is exercised offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .config import GPT2Config
+from .weights import _GLOBAL_TENSORS, _LAYER_TENSORS, GPT2Weights
+
+
+def hf_state_dict(weights: GPT2Weights, config: GPT2Config, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
+    """Tensors under Hugging Face GPT-2 names, Conv1D weights back in [in, out] layout."""
+    out = {}
+    for hf, field in _GLOBAL_TENSORS:
+        out[prefix + hf] = getattr(weights, field)
+    for i in range(config.n_layer):
+        for hf, field, transposed in _LAYER_TENSORS:
+            a = getattr(weights, field)[i]
+            out[f"{prefix}h.{i}.{hf}"] = a.T if transposed else a
+    if not weights.tied:
+        out["lm_head.weight"] = weights.lm_head
+    return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
+
+
+def save_pretrained(
+    folder: str | os.PathLike,
+    config: GPT2Config,
+    weights: GPT2Weights,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    prefix: str = "",
+    dtype=np.float32,
+) -> Path:
+    """Write config.json and model.safetensors (float32 or float16), and copy vocab.json + merges.txt."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+    save_file(hf_state_dict(weights, config, prefix, dtype), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(Path(tokenizer_dir) / name, folder / name)
+    return folder

@@ -1,0 +1,361 @@
+"""The `picogpt-fast` command line.
+
+stdout carries only results (the generated text, ids, JSON); progress and timings go to stderr.
+Every user error ends in one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InvalidArgumentError, PicoGPTError
+
+EXAMPLES = """
+\b
+Examples:
+  picogpt-fast run "Alan Turing theorized that computers would one day become" -n 8
+  picogpt-fast run "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1 --stream
+  picogpt-fast run --file prompts.txt -n 20 --json
+  picogpt-fast tokenize "Hello world"            # 15496 995
+  picogpt-fast tokenize --decode "15496 995"     # Hello world
+  picogpt-fast score essay.txt --json
+  picogpt-fast bench --shape 124M
+  picogpt-fast warmup
+"""
+
+_model_option = click.option(
+    "-m", "--model", "--model_size", "model", default="gpt2", show_default=True,
+    help="Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, org/fine-tune), picoGPT size "
+    "(124M, 355M, 774M, 1558M) or a local folder with config.json, model.safetensors, vocab.json, merges.txt.",
+)  # fmt: skip
+_models_dir_option = click.option(
+    "--models_dir", "--models-dir", "models_dir", type=click.Path(file_okay=False), default=None,
+    help="picoGPT's models directory: MODELS_DIR/MODEL is used when that folder exists.",
+)  # fmt: skip
+_revision_option = click.option("--revision", default=None, help="Hub branch, tag or commit.")
+_backend_option = click.option(
+    "--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+    help="numba: the engine; numpy: picoGPT's reference math (slow, no KV cache).",
+)  # fmt: skip
+_threads_option = click.option("--threads", type=int, default=None, help="Threads for the engine and BLAS (default: all cores).")
+
+
+def _model_name(model: str, models_dir: str | None) -> str:
+    if models_dir is not None and (Path(models_dir) / model).is_dir():
+        return str(Path(models_dir) / model)
+    return model
+
+
+def _info(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+class _Group(click.Group):
+    def format_epilog(self, ctx, formatter):
+        formatter.write(EXAMPLES)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="picogpt-fast")
+def cli():
+    """picogpt-fast: GPT-2 inference on the CPU, compiled with Numba.
+
+    The same model and numbers as picoGPT's 60 lines of NumPy, with a KV cache, fused kernels,
+    sampling, streaming and batching.
+    """
+
+
+# --------------------------------------------------------------------------- run
+@cli.command()
+@click.argument("prompt", required=False)
+@_model_option
+@_models_dir_option
+@_revision_option
+@click.option("-n", "--max-new-tokens", "--n_tokens_to_generate", "max_new_tokens", type=int, default=40, show_default=True, help="Number of tokens to generate (at most).")
+@_backend_option
+@_threads_option
+@click.option("--echo", is_flag=True, help="Print the prompt before the continuation.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min_p x the top probability (0 = off).")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="CTRL-style penalty on seen tokens (1 = off).")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after <|endoftext|>.")
+@click.option("--clip", is_flag=True, help="Shrink -n to fit the context instead of failing.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (JSON Lines with --file/--jsonl).")
+@click.option("--logprobs", type=int, default=0, help="With --json: the top-K alternatives per generated token.")
+@click.option("--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Prompts, one per line, generated as a batch.")
+@click.option("--jsonl", "jsonl_file", type=click.Path(dir_okay=False), default=None, help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.')
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, echo, temperature, top_k, top_p,
+        min_p, repetition_penalty, seed, stop, ignore_eos, clip, stream, as_json, logprobs, prompt_file,
+        jsonl_file, quiet):  # fmt: skip
+    """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>)."""
+    from .sampling import SamplingParams
+
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    SamplingParams(**sampling)  # refuse bad values before loading anything
+    batch = prompt_file is not None or jsonl_file is not None
+    if batch and prompt is not None:
+        raise InvalidArgumentError("give either PROMPT or --file/--jsonl, not both")
+    if prompt_file is not None and jsonl_file is not None:
+        raise InvalidArgumentError("give --file or --jsonl, not both")
+    if stream and (as_json or batch):
+        raise InvalidArgumentError("--stream prints plain text for one prompt; it cannot be combined with --json, --file or --jsonl")
+    if logprobs and not (as_json or jsonl_file):
+        raise InvalidArgumentError("--logprobs needs --json (or --jsonl)")
+    prompts = _read_prompts(prompt_file, jsonl_file) if batch else [prompt or ""]
+
+    folder, config, tokenizer = _resolve(model, models_dir, revision)
+    from .generation import plan_length, start_ids
+
+    prompt_ids = [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompts]
+    for ids in prompt_ids:  # the context check comes before loading the weights
+        plan_length(len(ids), max_new_tokens, config.n_ctx, clip)
+    gpt = _load(folder, config, tokenizer, backend, threads, quiet)
+
+    if stream:
+        return _run_stream(gpt, prompt_ids[0], prompts[0], echo, max_new_tokens, sampling, stop, ignore_eos, clip, quiet)
+    completions, timings = gpt.complete(
+        prompt_ids, max_new_tokens, stop=stop, stop_at_eos=not ignore_eos, logprobs=logprobs, clip=clip, **sampling
+    )
+    _info(quiet, _timing_line(timings))
+    for i, c in enumerate(completions):
+        if as_json or jsonl_file:
+            record = {
+                "prompt": prompts[i], "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text,
+                "stop_reason": c.stop_reason,
+            }  # fmt: skip
+            if batch:
+                record = {"index": i, **record}
+            else:
+                record["timings"] = timings.as_dict()
+            if logprobs:
+                record["logprobs"] = c.logprobs
+            click.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            click.echo((prompts[i] if echo else "") + c.text)
+
+
+def _read_prompts(prompt_file, jsonl_file) -> list[str]:
+    path = Path(prompt_file or jsonl_file)
+    text = _read_text(path)
+    lines = text.splitlines()
+    if prompt_file is not None:
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise InvalidArgumentError(f"{path}:{n} is not valid JSON ({e})") from None
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            item = item["prompt"]
+        if not isinstance(item, str):
+            raise InvalidArgumentError(f'{path}:{n} must be a JSON string or an object with a "prompt" string')
+        prompts.append(item)
+    if not prompts:
+        raise InvalidArgumentError(f"{path} holds no prompts")
+    return prompts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{path} does not exist") from None
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8") from None
+
+
+def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_eos, clip, quiet):
+    out = sys.stdout
+    if echo:
+        out.write(prompt)
+        out.flush()
+    t0 = time.perf_counter()
+    n = 0
+    try:
+        for piece in gpt.stream_text(ids, max_new_tokens, stop=stop, stop_at_eos=not ignore_eos, clip=clip, **sampling):
+            out.write(piece)
+            out.flush()
+            n += 1
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        _info(quiet, "interrupted")
+        sys.exit(130)
+    out.write("\n")
+    out.flush()
+    _info(quiet, f"streamed in {time.perf_counter() - t0:.2f} s")
+
+
+def _timing_line(t) -> str:
+    return (
+        f"prefill: {t.prefill_tokens} tokens in {t.prefill_s * 1e3:.1f} ms; "
+        f"decode: {t.decode_tokens} tokens at {t.decode_tok_s:.1f} tok/s"
+    )
+
+
+def _resolve(model, models_dir, revision):
+    from .config import GPT2Config
+    from .hub import resolve_model
+    from .tokenizer import Tokenizer
+
+    folder = resolve_model(_model_name(model, models_dir), revision=revision)
+    config = GPT2Config.from_file(folder / "config.json")
+    tokenizer = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    return folder, config, tokenizer
+
+
+def _load(folder, config, tokenizer, backend, threads, quiet):
+    from .model import GPT2
+    from .weights import load_weights
+
+    t0 = time.perf_counter()
+    weights = load_weights(folder, config)
+    gpt = GPT2(config, weights, tokenizer, backend=backend, threads=threads)
+    _info(quiet, f"loaded {folder} ({config.n_params / 1e6:.0f}M parameters, backend {backend}) in {time.perf_counter() - t0:.2f} s")
+    return gpt
+
+
+# --------------------------------------------------------------------------- tokenize
+@cli.command()
+@click.argument("text")
+@_model_option
+@_models_dir_option
+@_revision_option
+@click.option("--decode", is_flag=True, help="TEXT is token ids (spaces or commas); print the text.")
+@click.option("--allow-special", is_flag=True, help="Encode the text <|endoftext|> as its special id.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ids.")
+def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
+    """Print the token ids of TEXT (or, with --decode, the text of ids)."""
+    from .hub import resolve_model
+    from .tokenizer import Tokenizer
+
+    folder = resolve_model(_model_name(model, models_dir), revision=revision, tokenizer_only=True)
+    tok = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    if decode:
+        try:
+            ids = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise InvalidArgumentError("--decode takes token ids separated by spaces or commas, e.g. '15496 995'") from None
+        click.echo(tok.decode(ids))
+        return
+    ids = tok.encode(text, allowed_special="all" if allow_special else ())
+    click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
+
+
+# --------------------------------------------------------------------------- score
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_model_option
+@_models_dir_option
+@_revision_option
+@_backend_option
+@_threads_option
+@click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: the context size).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"}.')
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+def score(file, model, models_dir, revision, backend, threads, stride, as_json, quiet):
+    """Mean negative log-likelihood and perplexity of FILE's text under the model."""
+    import math
+
+    text = _read_text(Path(file))
+    if not text:
+        raise InvalidArgumentError(f"{file} is empty; there is nothing to score")
+    folder, config, tokenizer = _resolve(model, models_dir, revision)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise InvalidArgumentError(f"{file} holds {len(ids)} token; scoring needs at least 2")
+    gpt = _load(folder, config, tokenizer, backend, threads, quiet)
+    t0 = time.perf_counter()
+    logprobs = gpt.score(ids, stride=stride)
+    nll = float(-logprobs.mean())
+    _info(quiet, f"scored {len(logprobs)} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
+    result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"tokens: {len(ids)} ({len(logprobs)} predicted)\nnll: {nll:.6f}\nperplexity: {math.exp(nll):.4f}")
+
+
+# --------------------------------------------------------------------------- warmup
+@cli.command()
+@_threads_option
+def warmup(threads):
+    """Compile every Numba kernel now, so that the first real run does not wait for it."""
+    from .warmup import compile_all
+
+    seconds, cache_dir, layer = compile_all(threads)
+    click.echo(f"compiled the Numba kernels in {seconds:.1f} s (cache: {cache_dir}; threading layer: {layer})")
+
+
+# --------------------------------------------------------------------------- bench
+@cli.command()
+@click.option("-m", "--model", "model", default=None, help="Hub id or local folder (default: random weights at --shape).")
+@click.option("--shape", type=click.Choice(["124M", "355M", "774M", "1558M"]), default=None, help="Random weights at this GPT-2 shape.")
+@_threads_option
+@click.option("--prompt", "prompt_lengths", default="64,512", show_default=True, help="Prompt lengths to prefill, comma-separated.")
+@click.option("--gen", "gen", type=int, default=128, show_default=True, help="Tokens to decode per run.")
+@click.option("--reps", type=int, default=3, show_default=True, help="Repetitions (median and spread are reported).")
+@click.option("--reference/--no-reference", default=True, show_default=True, help="Also time picoGPT's NumPy reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+def bench(model, shape, threads, prompt_lengths, gen, reps, reference, as_json, as_csv):
+    """Prefill and decode speed, time to first token, memory and bandwidth, like llama-bench."""
+    from .benchmark import run_bench
+
+    if model is not None and shape is not None:
+        raise InvalidArgumentError("give --model or --shape, not both")
+    try:
+        lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--prompt takes comma-separated lengths, e.g. 64,512 (got {prompt_lengths!r})") from None
+    run_bench(model=model, shape=shape or ("124M" if model is None else None), threads=threads, prompt_lengths=lengths,
+              gen=gen, reps=reps, reference=reference, fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv=None) -> None:
+    """Console entry point: one line on stderr for every error, exit codes 1 (error), 2 (usage), 130 (Ctrl-C)."""
+    try:
+        cli.main(args=argv, prog_name="picogpt-fast", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except PicoGPTError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad model name, a corrupt checkpoint, a prompt that does not fit,
+a sampling value out of range) is raised as a `PicoGPTError` whose message is one line naming the
+problem and the fix. The CLI prints that line and exits non-zero; it never shows a traceback for them.
+"""
+
+
+class PicoGPTError(Exception):
+    """Base class: the message is one line that names the problem and the fix."""
+
+
+class ConfigError(PicoGPTError, ValueError):
+    """A config.json / hparams.json this engine cannot compute."""
+
+
+class CheckpointError(PicoGPTError):
+    """A weights file that is missing, corrupt, or does not match its config."""
+
+
+class ModelNotFoundError(PicoGPTError):
+    """A model name or path that cannot be resolved to a local folder."""
+
+
+class ContextLengthError(PicoGPTError, ValueError):
+    """A prompt plus the requested new tokens does not fit the model's context."""
+
+
+class InvalidArgumentError(PicoGPTError, ValueError):
+    """A generation or sampling argument with a value outside its range."""
+
+
+class ConcurrencyError(PicoGPTError, RuntimeError):
+    """Two sessions ran at once on a Numba threading layer that cannot do that safely."""

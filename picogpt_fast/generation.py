@@ -1,0 +1,252 @@
+"""The generation loop shared by every backend and entry point: one prefill per prompt, then one
+decode step per new token for all unfinished sequences together, with stop conditions.
+
+`run()` yields events as tokens arrive, so `generate`, `generate_batch`, `stream` and the CLI's
+`--stream` all print or return exactly the same tokens and text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ContextLengthError, InvalidArgumentError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class Completion:
+    """One sequence's result. `ids` excludes <|endoftext|>; with a stop string, `ids` holds the tokens
+    that lie entirely before it and `text` ends exactly before it."""
+
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "length"  # "length", "eos" or "stop"
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_ms": round(self.prefill_s * 1e3, 3),
+            "prefill_tokens": self.prefill_tokens,
+            "decode_ms": round(self.decode_s * 1e3, 3),
+            "decode_tokens": self.decode_tokens,
+            "decode_tok_s": round(self.decode_tok_s, 3),
+        }
+
+
+def start_ids(ids: list[int], eos_id: int | None) -> list[int]:
+    """An empty prompt starts after <|endoftext|>, as GPT-2 saw documents start in training."""
+    if ids:
+        return ids
+    if eos_id is None:
+        raise InvalidArgumentError("the prompt is empty and the vocabulary has no <|endoftext|> to start from")
+    return [eos_id]
+
+
+def plan_length(prompt_len: int, max_new_tokens: int, n_ctx: int, clip: bool) -> int:
+    """Check a request against the context before any work; with clip, shrink max_new_tokens to fit."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if prompt_len + max_new_tokens <= n_ctx:
+        return int(max_new_tokens)
+    if clip and prompt_len < n_ctx:
+        return n_ctx - prompt_len
+    if prompt_len >= n_ctx:
+        raise ContextLengthError(
+            f"the prompt has {prompt_len} tokens but the model's context is {n_ctx}; shorten the prompt"
+        )
+    raise ContextLengthError(
+        f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {prompt_len + max_new_tokens} exceeds the "
+        f"model's context of {n_ctx}; use at most {n_ctx - prompt_len} new tokens (or --clip)"
+    )
+
+
+class _Output:
+    """One sequence's tokens and text as released to the caller.
+
+    Text is decoded incrementally (a character split over tokens appears once complete). With stop
+    strings, a suffix that could be the start of one is held back until it is decided, and so are the
+    tokens that hold it; once a stop string appears, everything from its start on is dropped.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: list[str]):
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self.stop = stop
+        self.tokens: list[int] = []
+        self.token_ends: list[int] = []  # len(text) after each token
+        self.text = ""  # all text decoded so far
+        self.emitted = 0  # characters released
+        self.released = 0  # tokens released
+        self.cut: int | None = None  # where a stop string begins, once found
+
+    def add(self, token: int) -> tuple[list[int], str]:
+        """Add a token; return the tokens and text released by it. Sets `cut` on a stop string."""
+        self.tokens.append(token)
+        if self.decoder is not None:
+            self.text += self.decoder.add(token)
+        self.token_ends.append(len(self.text))
+        return self._release(final=False)
+
+    def finish(self) -> tuple[list[int], str]:
+        if self.decoder is not None and self.cut is None:
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> tuple[list[int], str]:
+        if self.cut is None and self.stop:
+            start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.cut = min(hits)
+        end = len(self.text) if self.cut is None else self.cut
+        if self.cut is None and not final:
+            for s in self.stop:  # hold back a suffix that could grow into a stop string
+                for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        end = max(end, self.emitted)
+        piece, self.emitted = self.text[self.emitted : end], end
+        if final and self.cut is None:
+            n = len(self.tokens)
+        else:
+            n = self.released
+            while n < len(self.tokens) and self.token_ends[n] <= self.emitted:
+                n += 1
+        tokens, self.released = self.tokens[self.released : n], n
+        return tokens, piece
+
+
+def run(
+    backend,
+    tokenizer: Tokenizer | None,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    *,
+    stop: list[str] | None = None,
+    stop_at_eos: bool = True,
+    eos_id: int | None = None,
+    logprobs: int = 0,
+    clip: bool = False,
+    timings: Timings | None = None,
+    completions: list[Completion] | None = None,
+):
+    """Generate for every prompt; yield (index, released token ids, released text) as tokens arrive.
+
+    Fills `completions` (one per prompt) and `timings` as it goes.
+    """
+    n_ctx = backend.config.n_ctx
+    stop = [s for s in (stop or []) if s]
+    if stop and tokenizer is None:
+        raise InvalidArgumentError("stop strings need a tokenizer to decode text")
+    if isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer)) or logprobs < 0:
+        raise InvalidArgumentError(f"logprobs={logprobs!r} must be an integer >= 0")
+    budgets = [plan_length(len(p), max_new_tokens, n_ctx, clip) for p in prompts]
+    timings = timings if timings is not None else Timings()
+    completions = completions if completions is not None else []
+    completions[:] = [Completion(prompt_ids=list(p)) for p in prompts]
+    outputs = [_Output(tokenizer, stop) for _ in prompts]
+    samplers = [Sampler(params) for _ in prompts]
+    history = [list(p) for p in prompts]
+    session = backend.default_session(len(prompts), max((len(p) + b for p, b in zip(prompts, budgets)), default=1))
+    session.reset()
+
+    def accept(i: int, logits: np.ndarray) -> tuple[list[int], str, bool]:
+        """Choose sequence i's next token; return (released ids, released text, whether it goes on)."""
+        c = completions[i]
+        _check_finite(logits)
+        token = samplers[i](logits, history[i] if params.repetition_penalty != 1 else ())
+        if stop_at_eos and token == eos_id:
+            c.stop_reason = "eos"
+            return [], "", False
+        history[i].append(token)
+        if logprobs:
+            c.logprobs.append(_logprob_entry(logits, token, logprobs, tokenizer))
+        ids, piece = outputs[i].add(token)
+        if outputs[i].cut is not None:
+            c.stop_reason = "stop"
+            return ids, piece, False
+        return ids, piece, len(outputs[i].tokens) < budgets[i]
+
+    active = []
+    for i, prompt in enumerate(prompts):
+        if budgets[i] == 0:
+            continue
+        t0 = time.perf_counter()
+        logits = session.prefill(prompt, seq=i)
+        timings.prefill_s += time.perf_counter() - t0
+        timings.prefill_tokens += len(prompt)
+        ids, piece, more = accept(i, logits)
+        if ids or piece:
+            yield i, ids, piece
+        if more:
+            active.append(i)
+    while active:
+        t0 = time.perf_counter()
+        logits = session.decode([history[i][-1] for i in active], active)
+        timings.decode_s += time.perf_counter() - t0
+        timings.decode_steps += 1
+        timings.decode_tokens += len(active)
+        still = []
+        for row, i in enumerate(active):
+            ids, piece, more = accept(i, logits[row])
+            if ids or piece:
+                yield i, ids, piece
+            if more:
+                still.append(i)
+        active = still
+    for i, (c, out) in enumerate(zip(completions, outputs)):
+        ids, piece = out.finish()
+        if ids or piece:
+            yield i, ids, piece
+        c.ids = out.tokens[: out.released]
+        c.text = out.text[: out.emitted]
+        if len(c.logprobs) > len(c.ids):
+            del c.logprobs[len(c.ids) :]
+
+
+def _check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise InvalidArgumentError(
+            "the model produced NaN or infinite logits; the checkpoint is probably corrupt (re-download it)"
+        )
+
+
+def _logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:
+    """The chosen token's log-probability under the model and the top-k alternatives."""
+    lp = log_softmax(logits)
+    top = np.argpartition(-lp, min(k, len(lp)) - 1)[:k]
+    top = top[np.argsort(-lp[top], kind="stable")]
+
+    def entry(t):
+        e = {"id": int(t), "logprob": float(lp[t])}
+        if tokenizer is not None:
+            e["text"] = tokenizer.decode([int(t)])
+        return e
+
+    return {**entry(token), "top": [entry(t) for t in top]}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log(softmax(logits)) along the last axis, computed in float64."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

@@ -1,0 +1,10 @@
+"""Numba kernels: each a short function over C-contiguous float32 arrays that writes into
+caller-provided buffers and allocates nothing. Flags live in `jit.py`."""
+
+from .activations import ADD, GELU, STORE, bias_epilogue, gelu
+from .attention import attention, store_kv
+from .embedding import embed
+from .layernorm import layer_norm
+from .linear import linear
+
+__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "embed", "gelu", "layer_norm", "linear", "store_kv"]

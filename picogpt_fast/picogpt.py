@@ -1,0 +1,123 @@
+"""picoGPT's API on the engine: change `from gpt2 import ...` / `from utils import ...` to
+`from picogpt_fast.picogpt import ...` and the rest of a picoGPT script stays as it is.
+
+    encoder, hparams, params = load_encoder_hparams_and_params("124M", "models")
+    input_ids = encoder.encode("Alan Turing theorized that computers would one day become")
+    output_ids = generate(input_ids, params, hparams["n_head"], 8)
+    print(encoder.decode(output_ids))
+
+`gpt2()` returns picoGPT's [n_seq, n_vocab] logits, `generate()` appends to `inputs` and returns
+the new ids, greedy, exactly as picoGPT does; both run on the Numba engine with a KV cache. The
+params dict has picoGPT's layout (`blocks[i]["attn"]["c_attn"]["w"]` is [n_embd, 3 * n_embd]).
+Params built by `load_encoder_hparams_and_params` are views of the engine's weights; params built
+any other way are converted once per params object (keep using the same arrays, do not edit them
+in place).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import GPT2Config
+from .errors import InvalidArgumentError, ModelNotFoundError
+from .hub import ALIASES, resolve_model
+from .model import GPT2
+from .reference import params_from_weights
+from .tokenizer import Tokenizer
+from .weights import GPT2Weights, load_weights
+
+__all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
+
+# id(wte) -> (the params' leaf arrays, kept alive so ids stay unique, and the engine model)
+_models: dict[int, tuple[list[np.ndarray], GPT2]] = {}
+
+
+def _leaves(wte, wpe, blocks, ln_f) -> list[np.ndarray]:
+    out = [wte, wpe, ln_f["g"], ln_f["b"]]
+    for b in blocks:
+        out += [b["ln_1"]["g"], b["ln_1"]["b"], b["ln_2"]["g"], b["ln_2"]["b"]]
+        for layer in (b["attn"]["c_attn"], b["attn"]["c_proj"], b["mlp"]["c_fc"], b["mlp"]["c_proj"]):
+            out += [layer["w"], layer["b"]]
+    return out
+
+
+def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
+    """The engine model for these params, built (and cached) on first use."""
+    leaves = _leaves(wte, wpe, blocks, ln_f)
+    hit = _models.get(id(wte))
+    if hit is not None and len(hit[0]) == len(leaves) and all(a is b for a, b in zip(hit[0], leaves)):
+        if hit[1].config.n_head == n_head:
+            return hit[1]
+    weights = _weights_from_params(wte, wpe, blocks, ln_f)
+    config = GPT2Config(
+        n_vocab=wte.shape[0], n_ctx=wpe.shape[0], n_embd=wte.shape[1], n_head=int(n_head),
+        n_layer=len(blocks), n_inner=weights.fc_w.shape[1],
+    )  # fmt: skip
+    model = GPT2(config, weights)
+    _models[id(wte)] = (leaves, model)
+    return model
+
+
+def _weights_from_params(wte, wpe, blocks, ln_f) -> GPT2Weights:
+    def f32(a):
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def stack(get, transpose=False):  # per-block arrays -> [n_layer, ...]; picoGPT's [in, out] -> [out, in]
+        a = np.stack([np.asarray(get(b), dtype=np.float32) for b in blocks])
+        return np.ascontiguousarray(a.transpose(0, 2, 1) if transpose else a)
+
+    wte = f32(wte)
+    return GPT2Weights(
+        wte=wte, wpe=f32(wpe),
+        ln_1_g=stack(lambda b: b["ln_1"]["g"]), ln_1_b=stack(lambda b: b["ln_1"]["b"]),
+        attn_w=stack(lambda b: b["attn"]["c_attn"]["w"], True), attn_b=stack(lambda b: b["attn"]["c_attn"]["b"]),
+        attn_proj_w=stack(lambda b: b["attn"]["c_proj"]["w"], True), attn_proj_b=stack(lambda b: b["attn"]["c_proj"]["b"]),
+        ln_2_g=stack(lambda b: b["ln_2"]["g"]), ln_2_b=stack(lambda b: b["ln_2"]["b"]),
+        fc_w=stack(lambda b: b["mlp"]["c_fc"]["w"], True), fc_b=stack(lambda b: b["mlp"]["c_fc"]["b"]),
+        mlp_proj_w=stack(lambda b: b["mlp"]["c_proj"]["w"], True), mlp_proj_b=stack(lambda b: b["mlp"]["c_proj"]["b"]),
+        ln_f_g=f32(ln_f["g"]), ln_f_b=f32(ln_f["b"]), lm_head=wte,
+    )  # fmt: skip
+
+
+def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]
+    """picoGPT's forward pass: logits for every position."""
+    return _engine(wte, wpe, blocks, ln_f, n_head).forward(list(inputs))
+
+
+def generate(inputs, params, n_head, n_tokens_to_generate):
+    """picoGPT's greedy loop: appends each new id to `inputs` and returns the new ids."""
+    model = _engine(params["wte"], params["wpe"], params["blocks"], params["ln_f"], n_head)
+    new_ids = model.generate(list(inputs), n_tokens_to_generate, stop_at_eos=False)
+    inputs.extend(new_ids)
+    return inputs[len(inputs) - n_tokens_to_generate :]
+
+
+def load_encoder_hparams_and_params(model_size, models_dir):
+    """picoGPT's loader: (encoder, hparams, params) for "124M", "355M", "774M" or "1558M".
+
+    Uses models_dir/model_size when it holds a safetensors checkpoint (config.json,
+    model.safetensors, vocab.json, merges.txt), otherwise the same OpenAI weights from the Hub.
+    """
+    if model_size not in ALIASES:
+        raise InvalidArgumentError(f"model_size {model_size!r} must be one of {', '.join(ALIASES)}")
+    local = Path(os.fspath(models_dir)) / model_size
+    if local.is_dir() and any(local.glob("model.ckpt*")) and not (local / "model.safetensors").exists():
+        raise ModelNotFoundError(
+            f"{local} holds OpenAI's TensorFlow checkpoint (model.ckpt.*), which picogpt-fast does not read; "
+            f"remove it (or pass another models_dir) to load the same weights as safetensors from the Hub "
+            f"({ALIASES[model_size]})"
+        )
+    folder = resolve_model(local if local.is_dir() else model_size)
+    config = GPT2Config.from_file(folder / "config.json")
+    encoder = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    weights = load_weights(folder, config)
+    params = params_from_weights(weights)
+    _models[id(params["wte"])] = (
+        _leaves(params["wte"], params["wpe"], params["blocks"], params["ln_f"]),
+        GPT2(config, weights, encoder),
+    )
+    hparams = {"n_vocab": config.n_vocab, "n_ctx": config.n_ctx, "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer}
+    return encoder, hparams, params

@@ -1,0 +1,106 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p, min-p and a
+repetition penalty.
+
+The order is transformers': repetition penalty, then temperature, then top-k, top-p and min-p
+filters, then a draw from what is left. `temperature=0` (the default) is greedy: the argmax after
+the repetition penalty. Every draw comes from a NumPy Generator owned by the `Sampler` and seeded by
+the caller, never from global state, so a seed reproduces a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name, value, rule):
+            raise InvalidArgumentError(f"{name}={value!r} is invalid: {rule}")
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                bad(name, v, "must be a finite number")
+            return float(v)
+
+        if number("temperature") < 0:
+            bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be an integer >= 0 (0 means off)")
+        if not 0 < number("top_p") <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1] (1 means off)")
+        if not 0 <= number("min_p") <= 1:
+            bad("min_p", self.min_p, "must be in [0, 1] (0 means off)")
+        if number("repetition_penalty") <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
+            bad("seed", self.seed, "must be a non-negative integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.ndarray:
+    """CTRL's penalty on every token already in the sequence: positive logits / p, negative * p."""
+    if penalty == 1 or len(history) == 0:
+        return logits
+    logits = logits.copy()
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    v = logits[seen]
+    logits[seen] = np.where(v > 0, v / np.float32(penalty), v * np.float32(penalty))
+    return logits
+
+
+def distribution(logits: np.ndarray, params: SamplingParams, history=()) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates and their probabilities that a sampled draw chooses from (temperature > 0).
+
+    Returns (token ids, probabilities summing to 1), ids in decreasing probability order.
+    """
+    z = apply_repetition_penalty(logits, history, params.repetition_penalty).astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < len(z):
+        ids = np.argpartition(-z, params.top_k - 1)[: params.top_k]
+    else:
+        ids = np.arange(len(z))
+    ids = ids[np.argsort(-z[ids], kind="stable")]
+    p = np.exp(z[ids] - z[ids[0]])
+    p /= p.sum()
+    if params.top_p < 1:
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        before = np.cumsum(p) - p
+        keep = int(np.count_nonzero(before < params.top_p))
+        ids, p = ids[:keep], p[:keep]
+    if params.min_p > 0:
+        keep = int(np.count_nonzero(p >= params.min_p * p[0]))
+        ids, p = ids[:keep], p[:keep]
+    return ids, p / p.sum()
+
+
+class Sampler:
+    """Picks next tokens for one sequence with its own random generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history=()) -> int:
+        params = self.params
+        if params.greedy:
+            return int(np.argmax(apply_repetition_penalty(logits, history, params.repetition_penalty)))
+        ids, p = distribution(logits, params, history)
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(i, len(ids) - 1)])

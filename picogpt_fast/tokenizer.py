@@ -1,0 +1,252 @@
+"""GPT-2's byte-level BPE tokenizer, byte-exact with OpenAI's `encoder.py`.
+
+Text is split into pieces by GPT-2's regular expression (on the `regex` module, for \\p{L} / \\p{N}),
+each piece's UTF-8 bytes are written in GPT-2's byte-to-unicode alphabet, and BPE merges are applied
+in rank order from `merges.txt`; the resulting tokens map to ids through `vocab.json`.
+
+Like OpenAI's encoder, the text "<|endoftext|>" is ordinary text (seven tokens) unless the caller
+allows that special token explicitly, and decoding uses `errors="replace"`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import json
+from pathlib import Path
+from typing import Collection, Iterable, Literal
+
+import regex
+
+from .errors import CheckpointError, InvalidArgumentError
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (ENDOFTEXT,)
+
+# Pieces longer than this (in bytes) are merged with a heap, O(n log n), instead of the
+# O(n^2) rescans of OpenAI's loop, so that a 100 kB run without spaces does not stall.
+_HEAP_MERGE_MIN_LEN = 48
+_CACHE_MAX = 200_000
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+class Tokenizer:
+    """GPT-2 byte-level BPE: `encode(text) -> list[int]`, `decode(ids) -> str`."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        self.encoder = vocab
+        self.n_vocab = max(vocab.values()) + 1
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        byte_encoder = bytes_to_unicode()
+        byte_decoder = {c: b for b, c in byte_encoder.items()}
+        # latin-1 decoding turns each byte b into chr(b); this table then maps it into GPT-2's alphabet.
+        self._byte_alphabet = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
+        self._token_bytes: list[bytes | None] = [None] * self.n_vocab
+        for token, i in vocab.items():
+            if all(c in byte_decoder for c in token):
+                self._token_bytes[i] = bytes(byte_decoder[c] for c in token)
+            else:  # an added token written in plain text
+                self._token_bytes[i] = token.encode("utf-8")
+        self.special_tokens = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        self._pattern = regex.compile(GPT2_PATTERN)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> "Tokenizer":
+        """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe)."""
+        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{vocab_path} does not exist; the tokenizer needs vocab.json") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{vocab_path} is not valid JSON ({e}); re-download the model") from None
+        if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) and v >= 0 for v in vocab.values()):
+            raise CheckpointError(f"{vocab_path} is not a JSON object of token -> id; re-download the model")
+        try:
+            lines = merges_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise CheckpointError(f"{merges_path} does not exist; the tokenizer needs merges.txt") from None
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{merges_path} is not UTF-8 ({e}); re-download the model") from None
+        merges = []
+        for n, line in enumerate(lines, 1):
+            if (n == 1 and line.startswith("#version")) or not line:
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise CheckpointError(f"{merges_path}:{n} is not a merge 'A B': {line[:40]!r}")
+            merges.append((parts[0], parts[1]))
+        return cls(vocab, merges)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
+        """Load from a local folder or a Hub id (see `picogpt_fast.hub.resolve_model`)."""
+        from .hub import resolve_model
+
+        folder = resolve_model(name_or_path, revision=revision, tokenizer_only=True)
+        return cls.from_files(folder / "vocab.json", folder / "merges.txt")
+
+    # ----------------------------------------------------------------- encoding
+    @property
+    def eot_token(self) -> int | None:
+        """Id of <|endoftext|>, or None if this vocabulary has none."""
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def encode(self, text: str, allowed_special: Literal["all"] | Collection[str] = ()) -> list[int]:
+        """Text to ids. Special tokens are ordinary text unless listed in `allowed_special`."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"encode() takes a str, got {type(text).__name__}")
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise InvalidArgumentError(
+                    f"unknown special token(s) {sorted(unknown)}; this vocabulary has {sorted(self.special_tokens)}"
+                )
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        splitter = "(" + "|".join(regex.escape(t) for t in sorted(allowed, key=len, reverse=True)) + ")"
+        for i, part in enumerate(regex.split(splitter, text)):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text to ids with every character treated as ordinary text (OpenAI's encoder.py)."""
+        ids: list[int] = []
+        cache = self._cache
+        for piece in self._pattern.findall(text):
+            hit = cache.get(piece)
+            if hit is None:
+                hit = self._encode_piece(piece)
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[piece] = hit
+            ids.extend(hit)
+        return ids
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        symbols = piece.encode("utf-8").decode("latin-1").translate(self._byte_alphabet)
+        merged = _merge_heap(symbols, self.bpe_ranks) if len(symbols) >= _HEAP_MERGE_MIN_LEN else _merge(symbols, self.bpe_ranks)
+        try:
+            return tuple(self.encoder[t] for t in merged)
+        except KeyError as e:
+            raise CheckpointError(f"merges.txt produced token {e.args[0]!r} that vocab.json lacks; the two files do not belong together") from None
+
+    # ----------------------------------------------------------------- decoding
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a token may hold part of a UTF-8 character)."""
+        if not 0 <= token_id < self.n_vocab or self._token_bytes[token_id] is None:
+            raise InvalidArgumentError(f"token id {token_id} is not in this tokenizer's vocabulary (0..{self.n_vocab - 1})")
+        return self._token_bytes[token_id]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.token_bytes(int(i)) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text; bytes that are not valid UTF-8 become U+FFFD, as in OpenAI's encoder."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def incremental_decoder(self) -> "IncrementalDecoder":
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """Decodes ids one at a time, emitting text only once its UTF-8 bytes are complete.
+
+    The concatenation of every `add()` result and the final `flush()` equals `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _merge(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """OpenAI's BPE loop: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
+    symbols = list(word)
+    while len(symbols) > 1:
+        best_rank, best = None, None
+        for pair in zip(symbols, symbols[1:]):
+            r = ranks.get(pair)
+            if r is not None and (best_rank is None or r < best_rank):
+                best_rank, best = r, pair
+        if best is None:
+            break
+        first, second = best
+        merged, i, n = [], 0, len(symbols)
+        while i < n:
+            if i < n - 1 and symbols[i] == first and symbols[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _merge_heap(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The same merges as `_merge`, in O(n log n) for long pieces.
+
+    A pair created by a merge always ranks after the merge that created it (BPE learns merges in
+    order), so popping (rank, position) from a heap visits the lowest-ranked pair's occurrences left
+    to right, exactly as `_merge` rewrites them.
+    """
+    symbols = list(word)
+    n = len(symbols)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        r = ranks.get((symbols[i], symbols[i + 1]))
+        if r is not None:
+            heap.append((r, i, symbols[i], symbols[i + 1]))
+    heapq.heapify(heap)
+    while heap:
+        r, i, left, right = heapq.heappop(heap)
+        j = nxt[i]
+        if symbols[i] != left or j >= n or symbols[j] != right:
+            continue  # stale: one side was merged since this entry was pushed
+        symbols[i] = left + right
+        symbols[j] = ""  # j is gone
+        nxt[i] = nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+        p, q = prv[i], nxt[i]
+        if p >= 0:
+            rp = ranks.get((symbols[p], symbols[i]))
+            if rp is not None:
+                heapq.heappush(heap, (rp, p, symbols[p], symbols[i]))
+        if q < n:
+            rq = ranks.get((symbols[i], symbols[q]))
+            if rq is not None:
+                heapq.heappush(heap, (rq, i, symbols[i], symbols[q]))
+    return [s for s in symbols if s]

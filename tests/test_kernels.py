@@ -1,0 +1,168 @@
+"""Each Numba kernel against its NumPy counterpart, on awkward shapes (sizes off the vector width,
+one head, many heads, one row), with the tolerance stated per test."""
+
+import numba
+import numpy as np
+import pytest
+
+from picogpt_fast import kernels as K
+from picogpt_fast import reference as R
+from picogpt_fast.kernels.vecmath import exp as vexp
+from picogpt_fast.kernels.vecmath import tanh as vtanh
+
+rng = np.random.default_rng(1234)
+F32 = np.float32
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(F32)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    n = min(request.param, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    yield n
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_exp_and_tanh_within_a_few_ulp():
+    x = np.linspace(-87, 0, 200_001, dtype=F32)
+    got = np.array([vexp(v) for v in x[::7]], np.float64)
+    want = np.exp(x[::7].astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 4e-7  # ~3 ulp
+    x = np.linspace(-12, 12, 100_001, dtype=F32)
+    got = np.array([vtanh(v) for v in x[::3]], np.float64)
+    want = np.tanh(x[::3].astype(np.float64))
+    assert np.max(np.abs(got - want)) < 3e-7
+    assert vtanh(F32(20)) == 1 and vtanh(F32(-20)) == -1
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 33), (5, 768), (2, 1601)])
+def test_layer_norm(shape, threads):
+    x = randn(*shape, scale=3) + F32(2)
+    g, b = randn(shape[1]), randn(shape[1])
+    out = np.empty_like(x)
+    K.layer_norm(x, g, b, F32(1e-5), out)
+    np.testing.assert_allclose(out, R.layer_norm(x, g, b, 1e-5), rtol=1e-5, atol=2e-5)
+
+
+def test_embed():
+    wte, wpe = randn(50, 9), randn(20, 9)
+    ids, pos = np.array([3, 0, 49, 3], np.int64), np.array([0, 1, 19, 5], np.int64)
+    out = np.empty((4, 9), F32)
+    K.embed(ids, pos, wte, wpe, out)
+    np.testing.assert_array_equal(out, wte[ids] + wpe[pos])
+
+
+def gelu64(x):
+    x = x.astype(np.float64)
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 17])
+@pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96)])
+def test_linear_all_modes(M, N, Kd, threads):
+    x, w, b = randn(M, Kd), randn(N, Kd), randn(N)
+    y64 = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
+    out = np.empty((M, N), F32)
+    K.linear(x, w, b, out, K.STORE)
+    np.testing.assert_allclose(out, y64, **tol)
+    K.linear(x, w, b, out, K.GELU)
+    np.testing.assert_allclose(out, gelu64(y64), **tol)
+    resid = randn(M, N)
+    out = resid.copy()
+    K.linear(x, w, b, out, K.ADD)
+    np.testing.assert_allclose(out, resid + y64, **tol)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_bias_epilogue(mode, threads):
+    y, b, out = randn(7, 37, scale=3), randn(37), randn(7, 37)
+    want = {0: y + b, 1: gelu64(y + b), 2: out + y + b}[mode]
+    K.bias_epilogue(y, b, out, mode)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_is_batch_and_thread_invariant():
+    """Each output is the same dot product whatever the batch and thread count: bitwise equal."""
+    x, w, b = randn(9, 96), randn(131, 96), randn(131)
+    results = []
+    for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(n_threads)
+        batch = np.empty((9, 131), F32)
+        K.linear(x, w, b, batch, K.GELU)
+        for m in range(9):
+            row = np.empty((1, 131), F32)
+            K.linear(x[m : m + 1], w, b, row, K.GELU)
+            assert np.array_equal(row[0], batch[m])
+        results.append(batch)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert all(np.array_equal(results[0], r) for r in results)
+
+
+def attention_numpy(qkv, seq, pos, keys, values, H, D):
+    """picoGPT's masked softmax attention, per row against its own sequence's keys 0..pos."""
+    E = H * D
+    out = np.zeros((len(qkv), E), np.float64)
+    for m in range(len(qkv)):
+        for h in range(H):
+            q = qkv[m, h * D : (h + 1) * D].astype(np.float64)
+            k = keys[seq[m]][: pos[m] + 1, h * D : (h + 1) * D].astype(np.float64)
+            v = values[seq[m]][: pos[m] + 1, h * D : (h + 1) * D].astype(np.float64)
+            s = k @ q / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[m, h * D : (h + 1) * D] = (p / p.sum()) @ v
+    return out
+
+
+def scratch(capacity):
+    return np.zeros((numba.config.NUMBA_NUM_THREADS, capacity), F32)
+
+
+@pytest.mark.parametrize("H,D", [(1, 1), (1, 36), (3, 32), (20, 4), (12, 64), (5, 7)])
+def test_attention_prompt_then_decode(H, D, threads):
+    E, T, C, S = H * D, 13, 16, 2
+    from picogpt_fast.engine import KVCache
+    from picogpt_fast.config import GPT2Config
+
+    cache = KVCache(GPT2Config(n_vocab=1, n_ctx=C, n_embd=E, n_head=H, n_layer=1), S, C)
+    k_cache, vt_cache = cache.k[0], cache.vt[0]
+    keys = [np.zeros((C, E), F32) for _ in range(S)]
+    values = [np.zeros((C, E), F32) for _ in range(S)]
+
+    def step(qkv, seq, pos):
+        for m in range(len(qkv)):
+            keys[seq[m]][pos[m]] = qkv[m, E : 2 * E]
+            values[seq[m]][pos[m]] = qkv[m, 2 * E :]
+        K.store_kv(qkv, seq, pos, k_cache, vt_cache)
+        out = np.zeros((len(qkv), E), F32)
+        K.attention(qkv, seq, pos, k_cache, vt_cache, F32(1 / np.sqrt(D)), out, scratch(C))
+        # atol: the outputs are sums of values of size ~2, some cancelling to near zero
+        np.testing.assert_allclose(out, attention_numpy(qkv, seq, pos, keys, values, H, D), rtol=1e-5, atol=1e-5)
+
+    # a 13-token prompt in sequence 1, a 1-token prompt in sequence 0
+    step(randn(T, 3 * E, scale=2), np.full(T, 1, np.int64), np.arange(T, dtype=np.int64))
+    step(randn(1, 3 * E, scale=2), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    # then both decode together, at positions 13 and 1
+    step(randn(2, 3 * E, scale=2), np.array([1, 0], np.int64), np.array([T, 1], np.int64))
+    step(randn(2, 3 * E, scale=2), np.array([0, 1], np.int64), np.array([2, T + 1], np.int64))
+
+
+def test_attention_with_peaked_scores_is_stable():
+    """Large scores: the max is subtracted before exp, so nothing overflows."""
+    H, D, T = 2, 8, 5
+    qkv = randn(T, 3 * H * D, scale=40)
+    from picogpt_fast.engine import KVCache
+    from picogpt_fast.config import GPT2Config
+
+    cache = KVCache(GPT2Config(n_vocab=1, n_ctx=8, n_embd=H * D, n_head=H, n_layer=1), 1, 8)
+    seq, pos = np.zeros(T, np.int64), np.arange(T, dtype=np.int64)
+    K.store_kv(qkv, seq, pos, cache.k[0], cache.vt[0])
+    out = np.zeros((T, H * D), F32)
+    K.attention(qkv, seq, pos, cache.k[0], cache.vt[0], F32(1 / np.sqrt(D)), out, scratch(8))
+    keys = [np.concatenate([qkv[:, H * D : 2 * H * D], np.zeros((3, H * D), F32)])]
+    values = [np.concatenate([qkv[:, 2 * H * D :], np.zeros((3, H * D), F32)])]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, attention_numpy(qkv, seq, pos, keys, values, H, D), rtol=1e-4, atol=1e-4)
