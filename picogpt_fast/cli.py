@@ -270,12 +270,14 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
 @_revision_option
 @_backend_option
 @_threads_option
-@click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: the context size).")
+@click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"}.')
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def score(file, model, models_dir, revision, backend, threads, stride, as_json, quiet):
     """Mean negative log-likelihood and perplexity of FILE's text under the model."""
     import math
+
+    import numpy as np
 
     text = _read_text(Path(file))
     if not text:
@@ -287,13 +289,13 @@ def score(file, model, models_dir, revision, backend, threads, stride, as_json, 
     gpt = _load(folder, config, tokenizer, backend, threads, quiet)
     t0 = time.perf_counter()
     logprobs = gpt.score(ids, stride=stride)
-    nll = float(-logprobs.mean())
-    _info(quiet, f"scored {len(logprobs)} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
-    result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
+    scored = logprobs[~np.isnan(logprobs)]
+    nll = float(-scored.mean())
+    _info(quiet, f"scored {len(scored)} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}))
     else:
-        click.echo(f"tokens: {len(ids)} ({len(logprobs)} predicted)\nnll: {nll:.6f}\nperplexity: {math.exp(nll):.4f}")
+        click.echo(f"tokens: {len(ids)} ({len(scored)} predicted)\nnll: {nll:.6f}\nperplexity: {math.exp(nll):.4f}")
 
 
 # --------------------------------------------------------------------------- warmup

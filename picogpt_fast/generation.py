@@ -90,7 +90,9 @@ class _Output:
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.stop = stop
         self.tokens: list[int] = []
-        self.token_ends: list[int] = []  # len(text) after each token
+        # Where each token's text ends. A token ending inside a character ends with the next
+        # character of the text, which its held-back bytes begin.
+        self.token_ends: list[int] = []
         self.text = ""  # all text decoded so far
         self.emitted = 0  # characters released
         self.released = 0  # tokens released
@@ -101,7 +103,7 @@ class _Output:
         self.tokens.append(token)
         if self.decoder is not None:
             self.text += self.decoder.add(token)
-        self.token_ends.append(len(self.text))
+        self.token_ends.append(len(self.text) + (self.decoder is not None and self.decoder.pending))
         return self._release(final=False)
 
     def finish(self) -> tuple[list[int], str]:

@@ -182,26 +182,26 @@ class GPT2:
     def score(self, ids: Sequence[int] | str, stride: int | None = None) -> np.ndarray:
         """Log-probability (natural log, float64) of each token given the ones before it: [len(ids) - 1].
 
-        Text longer than the context is scored with a sliding window of n_ctx tokens moved by
-        `stride` (default n_ctx), as in transformers' perplexity guide: each token is scored once,
-        with the context its window gives it. The first token has no context and is not scored.
+        Text longer than the context is scored as in transformers' perplexity guide: windows of
+        n_ctx tokens start every `stride` tokens (default n_ctx // 2) and each window scores the
+        tokens no earlier window scored, with the context the window gives them. With
+        stride == n_ctx, the first token of each window has no context and is NaN (not scored).
         """
         ids = self._ids(ids, allow_empty=True)
         n, n_ctx = len(ids), self.config.n_ctx
         if n < 2:
             raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
-        stride = n_ctx if stride is None else stride
+        stride = max(n_ctx // 2, 1) if stride is None else stride
         if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= n_ctx:
             raise InvalidArgumentError(f"stride={stride!r} must be between 1 and the context size {n_ctx}")
-        out = np.empty(n - 1, np.float64)
+        out = np.full(n - 1, np.nan)
         prev_end = 0
         for begin in range(0, n, stride):
             end = min(begin + n_ctx, n)
             first = max(prev_end, begin + 1)  # first token this window scores
             logits = self._backend.forward(np.asarray(ids[begin:end], dtype=np.int64))
-            rows = slice(first - begin - 1, end - begin - 1)
             targets = np.asarray(ids[first:end], dtype=np.int64)
-            out[first - 1 : end - 1] = token_logprobs(logits[rows], targets)
+            out[first - 1 : end - 1] = token_logprobs(logits[first - begin - 1 : end - begin - 1], targets)
             prev_end = end
             if end == n:
                 break

@@ -68,24 +68,29 @@ def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.
 def distribution(logits: np.ndarray, params: SamplingParams, history=()) -> tuple[np.ndarray, np.ndarray]:
     """The candidates and their probabilities that a sampled draw chooses from (temperature > 0).
 
-    Returns (token ids, probabilities summing to 1), ids in decreasing probability order.
+    Returns (token ids, probabilities summing to 1). Only top-p needs tokens in order, and only
+    as many as its nucleus holds, so at most that head of the vocabulary is sorted.
     """
     z = apply_repetition_penalty(logits, history, params.repetition_penalty).astype(np.float64) / params.temperature
-    if params.top_k and params.top_k < len(z):
+    ids = np.arange(len(z))
+    if 0 < params.top_k < len(z):
         ids = np.argpartition(-z, params.top_k - 1)[: params.top_k]
-    else:
-        ids = np.arange(len(z))
-    ids = ids[np.argsort(-z[ids], kind="stable")]
-    p = np.exp(z[ids] - z[ids[0]])
+    p = np.exp(z[ids] - z[ids].max())
     p /= p.sum()
     if params.top_p < 1:
-        # keep the smallest prefix whose mass reaches top_p (at least one token)
-        before = np.cumsum(p) - p
-        keep = int(np.count_nonzero(before < params.top_p))
-        ids, p = ids[:keep], p[:keep]
+        head = min(len(p), 256)
+        while True:  # sort the `head` most likely; enough once their mass reaches top_p
+            top = np.argpartition(-p, head - 1)[:head] if head < len(p) else np.arange(len(p))
+            top = top[np.argsort(-p[top], kind="stable")]
+            if head == len(p) or p[top].sum() >= params.top_p:
+                break
+            head = min(len(p), head * 8)
+        before = np.cumsum(p[top]) - p[top]  # mass ranked above each token
+        top = top[: int(np.count_nonzero(before < params.top_p))]  # smallest prefix reaching top_p
+        ids, p = ids[top], p[top]
     if params.min_p > 0:
-        keep = int(np.count_nonzero(p >= params.min_p * p[0]))
-        ids, p = ids[:keep], p[:keep]
+        keep = p >= params.min_p * p.max()
+        ids, p = ids[keep], p[keep]
     return ids, p / p.sum()
 
 

@@ -184,6 +184,11 @@ class IncrementalDecoder:
     def add(self, token_id: int) -> str:
         return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
 
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an incomplete character are held back."""
+        return bool(self._utf8.getstate()[0])
+
     def flush(self) -> str:
         """Text still held back (an incomplete character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)

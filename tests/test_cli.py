@@ -1,0 +1,153 @@
+"""The command line: what goes to stdout and stderr, exit codes, picoGPT's option names, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import PYTHON, subprocess_env
+
+PROMPT = "Alan Turing theorized that computers would one day become"
+
+
+def test_run_prints_only_the_continuation(cli, model_dir, models):
+    eng, _ = models("small")
+    code, out, err = cli("run", PROMPT, "--model", model_dir("small"), "-n", 8)
+    assert code == 0, err
+    completions, _ = eng.complete([PROMPT], 8)
+    assert out == completions[0].text + "\n"
+    assert "prefill:" in err and "decode:" in err and "loaded" in err
+    code, echoed, _ = cli("run", PROMPT, "--model", model_dir("small"), "-n", 8, "--echo", "-q")
+    assert echoed == PROMPT + out
+
+
+def test_picogpt_option_names(cli, model_dir, tmp_path):
+    folder = model_dir("small")
+    (tmp_path / "124M").symlink_to(folder)
+    a = cli("run", PROMPT, "--n_tokens_to_generate", 6, "--model_size", "124M", "--models_dir", tmp_path, "-q")
+    b = cli("run", PROMPT, "-n", 6, "--model", folder, "-q")
+    c = cli("run", PROMPT, "--n_tokens_to_generate=6", f"--model_size={folder}", "-q")
+    assert a[0] == 0 and a[1] == b[1] == c[1]
+
+
+def test_json_output(cli, model_dir):
+    code, out, err = cli("run", "", "--model", model_dir("small"), "-n", 5, "--json", "--logprobs", 2, "--ignore-eos")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["prompt_ids"] == [50256]  # an empty prompt starts from <|endoftext|>
+    assert len(r["ids"]) == 5 and r["stop_reason"] == "length"
+    assert set(r["timings"]) >= {"prefill_ms", "decode_tok_s"}
+    assert len(r["logprobs"]) == 5 and len(r["logprobs"][0]["top"]) == 2
+
+
+def test_sampling_options_and_seed(cli, model_dir):
+    args = ("run", "Once", "--model", model_dir("small"), "-n", 12, "-q", "--ignore-eos", "--temperature", 1.0, "--top-p", 0.9)
+    a, b, c = cli(*args, "--seed", 1), cli(*args, "--seed", 1), cli(*args, "--seed", 2)
+    assert a[0] == 0 and a[1] == b[1] and a[1] != c[1]
+
+
+def test_stream_prints_what_run_prints(model_dir):
+    args = [PYTHON, "-m", "picogpt_fast", "run", "Hello", "--model", str(model_dir("small")), "-n", 20, "-q", "--stop", " the"]
+    args = [str(a) for a in args]
+    plain = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    streamed = subprocess.run(args + ["--stream"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
+    assert plain.stdout == streamed.stdout
+
+
+def test_ctrl_c_while_streaming(model_dir):
+    args = [PYTHON, "-m", "picogpt_fast", "run", "Hello", "--model", str(model_dir("small")), "-n", "100000", "--clip", "--stream", "--ignore-eos", "--backend", "numpy"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    first = p.stdout.read(1)  # generation has started
+    assert first
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert "Traceback" not in err
+
+
+def test_batch_file_and_jsonl(cli, model_dir, tmp_path, models):
+    eng, _ = models("small")
+    prompts = ["Hello", "The weather today", "One two three"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n", encoding="utf-8")
+    code, out, err = cli("run", "--file", tmp_path / "p.txt", "--model", model_dir("small"), "-n", 6, "-q", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    code, out2, err = cli("run", "--jsonl", tmp_path / "p.jsonl", "--model", model_dir("small"), "-n", 6, "-q")
+    assert code == 0, err
+    assert [json.loads(line)["text"] for line in out2.splitlines()] == [r["text"] for r in rows]
+    assert [r["ids"] for r in rows] == [eng.generate(p, 6) for p in prompts]
+
+
+def test_context_refused_before_loading_weights(cli, model_dir, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in os.listdir(model_dir("small")):
+        (folder / f).symlink_to(model_dir("small") / f)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(b"corrupt")  # loading it would fail differently
+    code, out, err = cli("run", PROMPT, "--model", folder, "-n", 200)
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        "error: prompt of 10 tokens + 200 new tokens = 210 exceeds the model's context of 128; "
+        "use at most 118 new tokens (or --clip)"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--temperature", "-1"), "temperature=-1.0 is invalid"),
+        (("--top-p", "0"), "top_p=0.0 is invalid"),
+        (("--top-k", "-2"), "top_k=-2 is invalid"),
+        (("--min-p", "3"), "min_p=3.0 is invalid"),
+        (("--repetition-penalty", "0"), "repetition_penalty=0.0 is invalid"),
+        (("-n", "-5"), "max_new_tokens=-5"),
+        (("--threads", "64"), "threads=64"),
+        (("--top-p", "abc"), "'abc' is not a valid float"),
+        (("--no-such-option",), "No such option"),
+        (("--stream", "--json"), "--stream prints plain text"),
+        (("--logprobs", "3"), "--logprobs needs --json"),
+    ],
+)
+def test_bad_values_are_one_line(cli, model_dir, args, message):
+    code, out, err = cli("run", "hi", "--model", model_dir("small"), *args)
+    assert code in (1, 2) and out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_model_is_one_line(cli):
+    code, _, err = cli("run", "hi", "--model", "./missing-folder")
+    assert code == 1 and "neither an existing folder nor a Hub id" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenize(cli, tokenizer_dir):
+    assert cli("tokenize", "Hello world", "--model", tokenizer_dir)[1] == "15496 995\n"
+    assert cli("tokenize", "--decode", "15496, 995", "--model", tokenizer_dir)[1] == "Hello world\n"
+    assert cli("tokenize", "<|endoftext|>", "--model", tokenizer_dir)[1] == "27 91 437 1659 5239 91 29\n"
+    assert cli("tokenize", "<|endoftext|>", "--allow-special", "--json", "--model", tokenizer_dir)[1] == "[50256]\n"
+    code, _, err = cli("tokenize", "--decode", "1 x", "--model", tokenizer_dir)
+    assert code == 1 and "--decode takes token ids" in err
+
+
+def test_version_and_help(cli):
+    from picogpt_fast import __version__
+
+    assert cli("--version")[1].strip().endswith(__version__)
+    code, out, _ = cli("--help")
+    assert code == 0 and "Examples:" in out and "picogpt-fast run" in out
+    code, out, _ = cli("run", "--help")
+    assert code == 0 and "--n_tokens_to_generate" in out
+
+
+def test_warmup(cli):
+    start = time.perf_counter()
+    code, out, err = cli("warmup")
+    assert code == 0, err
+    assert out.startswith("compiled the Numba kernels in") and "threading layer" in out
+    assert time.perf_counter() - start < 600
