@@ -15,18 +15,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .config import GPT2Config
-from .weights import _GLOBAL_TENSORS, _LAYER_TENSORS, GPT2Weights
+from .weights import GLOBAL_TENSORS, LAYER_TENSORS, GPT2Weights
 
 
 def hf_state_dict(weights: GPT2Weights, config: GPT2Config, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
-    """Tensors under Hugging Face GPT-2 names, Conv1D weights back in [in, out] layout."""
-    out = {}
-    for hf, field in _GLOBAL_TENSORS:
-        out[prefix + hf] = getattr(weights, field)
-    for i in range(config.n_layer):
-        for hf, field, transposed in _LAYER_TENSORS:
-            a = getattr(weights, field)[i]
-            out[f"{prefix}h.{i}.{hf}"] = a.T if transposed else a
+    """Tensors under Hugging Face GPT-2 names (the same layout as GPT2Weights)."""
+    out = {prefix + hf: getattr(weights, name) for hf, name in GLOBAL_TENSORS.items()}
+    for i, layer in enumerate(weights.layers):
+        out.update({f"{prefix}h.{i}.{hf}": getattr(layer, name) for hf, name in LAYER_TENSORS.items()})
     if not weights.tied:
         out["lm_head.weight"] = weights.lm_head
     return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}

@@ -318,9 +318,10 @@ def warmup(threads):
 @click.option("--gen", "gen", type=int, default=128, show_default=True, help="Tokens to decode per run.")
 @click.option("--reps", type=int, default=3, show_default=True, help="Repetitions (median and spread are reported).")
 @click.option("--reference/--no-reference", default=True, show_default=True, help="Also time picoGPT's NumPy reference.")
+@click.option("--peers", is_flag=True, help="Also time transformers with the same weights (pip install '.[peers]').")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
-def bench(model, shape, threads, prompt_lengths, gen, reps, reference, as_json, as_csv):
+def bench(model, shape, threads, prompt_lengths, gen, reps, reference, peers, as_json, as_csv):
     """Prefill and decode speed, time to first token, memory and bandwidth, like llama-bench."""
     from .benchmark import run_bench
 
@@ -331,7 +332,7 @@ def bench(model, shape, threads, prompt_lengths, gen, reps, reference, as_json, 
     except ValueError:
         raise InvalidArgumentError(f"--prompt takes comma-separated lengths, e.g. 64,512 (got {prompt_lengths!r})") from None
     run_bench(model=model, shape=shape or ("124M" if model is None else None), threads=threads, prompt_lengths=lengths,
-              gen=gen, reps=reps, reference=reference, fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
+              gen=gen, reps=reps, reference=reference, peers=peers, fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- entry point

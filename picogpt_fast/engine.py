@@ -101,7 +101,6 @@ class NumbaBackend:
             limit_blas_threads(threads)
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
-        self.zero_bias = np.zeros(config.n_vocab, F32)  # the output projection has no bias
         self._default_sessions = threading.local()
 
     def session(self, n_seq: int = 1, capacity: int = 0) -> "Session":
@@ -146,6 +145,7 @@ class Session:
         self.cache = KVCache(self.config, n_seq, 0)
         self._rows = 0
         self._logit_rows = 0
+        self.prompt_scores = np.zeros(0, F32)  # [rows, keys] scratch of _attention_blas
         self.reserve(capacity)
 
     # ------------------------------------------------------------------ buffers
@@ -166,7 +166,8 @@ class Session:
             self.qkv = np.zeros((rows, 3 * E), F32)
             self.att = np.zeros((rows, E), F32)  # attention output, heads side by side
             self.ff = np.zeros((rows, F), F32)  # MLP hidden activations
-            self.blas_out = np.zeros(rows * max(E, F, 3 * E), F32)  # BLAS product before its epilogue
+            self.blas_out = np.zeros(rows * max(F, 3 * E), F32)  # BLAS product before its epilogue
+            self.acc = np.zeros((max_threads(), rows * max(F, 3 * E)), F32)  # linear() accumulators
             self.ids = np.zeros(rows, np.int64)
             self.seq = np.zeros(rows, np.int64)
             self.pos = np.zeros(rows, np.int64)
@@ -240,30 +241,53 @@ class Session:
         x, h, qkv, att, ff = self.x[:n], self.h[:n], self.qkv[:n], self.att[:n], self.ff[:n]
         with parallel_region():
             K.embed(ids, pos, w.wte, w.wpe, x)
-            for layer in range(c.n_layer):
-                k_cache, vt_cache = self.cache.k[layer], self.cache.vt[layer]
-                K.layer_norm(x, w.ln_1_g[layer], w.ln_1_b[layer], b.eps, h)
-                self._linear(h, w.attn_w[layer], w.attn_b[layer], qkv, K.STORE, blas)
+            for i, lw in enumerate(w.layers):
+                k_cache, vt_cache = self.cache.k[i], self.cache.vt[i]
+                K.layer_norm(x, lw.ln_1_g, lw.ln_1_b, b.eps, h)
+                self._linear(h, lw.attn_w, lw.attn_b, qkv, K.STORE, blas)
                 K.store_kv(qkv, seq, pos, k_cache, vt_cache)
-                K.attention(qkv, seq, pos, k_cache, vt_cache, b.scale, att, self.scores)
-                self._linear(att, w.attn_proj_w[layer], w.attn_proj_b[layer], x, K.ADD, blas)
-                K.layer_norm(x, w.ln_2_g[layer], w.ln_2_b[layer], b.eps, h)
-                self._linear(h, w.fc_w[layer], w.fc_b[layer], ff, K.GELU, blas)
-                self._linear(ff, w.mlp_proj_w[layer], w.mlp_proj_b[layer], x, K.ADD, blas)
+                if blas:
+                    self._attention_blas(k_cache, vt_cache, qkv, att)
+                else:
+                    K.attention(qkv, seq, pos, k_cache, vt_cache, b.scale, att, self.scores)
+                self._linear(att, lw.attn_proj_w, lw.attn_proj_b, x, K.ADD, blas)
+                K.layer_norm(x, lw.ln_2_g, lw.ln_2_b, b.eps, h)
+                self._linear(h, lw.fc_w, lw.fc_b, ff, K.GELU, blas)
+                self._linear(ff, lw.mlp_proj_w, lw.mlp_proj_b, x, K.ADD, blas)
             if not all_logits:  # only the last row needs logits
                 x = x[n - 1 :]
                 h = h[:1]
             K.layer_norm(x, w.ln_f_g, w.ln_f_b, b.eps, h)
             logits = self.logits[: len(h)]
-            self._linear(h, w.lm_head, b.zero_bias, logits, K.STORE, blas and all_logits)
+            if blas:
+                np.matmul(h, w.lm_head.T, out=logits)
+            else:
+                K.logits(h, w.lm_head, logits)
         return logits
 
+    def _attention_blas(self, k_cache, vt_cache, qkv, att) -> None:
+        """Attention for a prompt of one sequence as two BLAS products per head:
+        scores = Q @ K.T over every key, a causal softmax, then out = P @ V.
+
+        Twice the arithmetic of skipping masked keys, but at BLAS speed, and on BLAS's threads.
+        """
+        c = self.config
+        n, seq, start = qkv.shape[0], int(self.seq[0]), int(self.pos[0])
+        total, D = start + n, c.head_dim
+        if self.prompt_scores.size < n * total:
+            self.prompt_scores = np.zeros(n * total, F32)
+        p = self.prompt_scores[: n * total].reshape(n, total)
+        for h in range(c.n_head):
+            np.matmul(qkv[:, h * D : (h + 1) * D], k_cache[seq, h, :total].T, out=p)
+            K.causal_softmax(p, start, self.backend.scale)
+            np.matmul(p, vt_cache[seq, h, :, :total].T, out=att[:, h * D : (h + 1) * D])
+
     def _linear(self, x, weight, bias, out, mode, blas: bool) -> None:
-        """out = epilogue(x @ weight.T + bias): BLAS for many rows, else the Numba kernel."""
+        """out = epilogue(x @ weight + bias): BLAS for many rows, else the Numba kernel."""
         if not blas:
-            K.linear(x, weight, bias, out, mode)
+            K.linear(x, weight, bias, out, mode, self.acc, numba.get_num_threads())
             return
-        rows, cols = x.shape[0], weight.shape[0]
+        rows, cols = x.shape[0], weight.shape[1]
         y = out if mode == K.STORE else self.blas_out[: rows * cols].reshape(rows, cols)
-        np.matmul(x, weight.T, out=y)
+        np.matmul(x, weight, out=y)
         K.bias_epilogue(y, bias, out, mode)

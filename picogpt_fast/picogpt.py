@@ -9,9 +9,9 @@
 `gpt2()` returns picoGPT's [n_seq, n_vocab] logits, `generate()` appends to `inputs` and returns
 the new ids, greedy, exactly as picoGPT does; both run on the Numba engine with a KV cache. The
 params dict has picoGPT's layout (`blocks[i]["attn"]["c_attn"]["w"]` is [n_embd, 3 * n_embd]).
-Params built by `load_encoder_hparams_and_params` are views of the engine's weights; params built
-any other way are converted once per params object (keep using the same arrays, do not edit them
-in place).
+Params built by `load_encoder_hparams_and_params` are the engine's own (read-only) weights; params
+built any other way are used as they are when float32 and C-contiguous, converted once otherwise
+(keep using the same arrays; the engine reads them, it never writes them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .hub import ALIASES, resolve_model
 from .model import GPT2
 from .reference import params_from_weights
 from .tokenizer import Tokenizer
-from .weights import GPT2Weights, load_weights
+from .weights import GPT2Weights, LayerWeights, load_weights
 
 __all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
 
@@ -54,7 +54,7 @@ def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
     weights = _weights_from_params(wte, wpe, blocks, ln_f)
     config = GPT2Config(
         n_vocab=wte.shape[0], n_ctx=wpe.shape[0], n_embd=wte.shape[1], n_head=int(n_head),
-        n_layer=len(blocks), n_inner=weights.fc_w.shape[1],
+        n_layer=len(blocks), n_inner=weights.layers[0].fc_w.shape[1] if blocks else 0,
     )  # fmt: skip
     model = GPT2(config, weights)
     _models[id(wte)] = (leaves, model)
@@ -62,24 +62,22 @@ def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
 
 
 def _weights_from_params(wte, wpe, blocks, ln_f) -> GPT2Weights:
-    def f32(a):
+    def f32(a):  # the same array when it already is float32 and C-contiguous
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    def stack(get, transpose=False):  # per-block arrays -> [n_layer, ...]; picoGPT's [in, out] -> [out, in]
-        a = np.stack([np.asarray(get(b), dtype=np.float32) for b in blocks])
-        return np.ascontiguousarray(a.transpose(0, 2, 1) if transpose else a)
-
+    layers = [
+        LayerWeights(
+            ln_1_g=f32(b["ln_1"]["g"]), ln_1_b=f32(b["ln_1"]["b"]),
+            attn_w=f32(b["attn"]["c_attn"]["w"]), attn_b=f32(b["attn"]["c_attn"]["b"]),
+            attn_proj_w=f32(b["attn"]["c_proj"]["w"]), attn_proj_b=f32(b["attn"]["c_proj"]["b"]),
+            ln_2_g=f32(b["ln_2"]["g"]), ln_2_b=f32(b["ln_2"]["b"]),
+            fc_w=f32(b["mlp"]["c_fc"]["w"]), fc_b=f32(b["mlp"]["c_fc"]["b"]),
+            mlp_proj_w=f32(b["mlp"]["c_proj"]["w"]), mlp_proj_b=f32(b["mlp"]["c_proj"]["b"]),
+        )  # fmt: skip
+        for b in blocks
+    ]
     wte = f32(wte)
-    return GPT2Weights(
-        wte=wte, wpe=f32(wpe),
-        ln_1_g=stack(lambda b: b["ln_1"]["g"]), ln_1_b=stack(lambda b: b["ln_1"]["b"]),
-        attn_w=stack(lambda b: b["attn"]["c_attn"]["w"], True), attn_b=stack(lambda b: b["attn"]["c_attn"]["b"]),
-        attn_proj_w=stack(lambda b: b["attn"]["c_proj"]["w"], True), attn_proj_b=stack(lambda b: b["attn"]["c_proj"]["b"]),
-        ln_2_g=stack(lambda b: b["ln_2"]["g"]), ln_2_b=stack(lambda b: b["ln_2"]["b"]),
-        fc_w=stack(lambda b: b["mlp"]["c_fc"]["w"], True), fc_b=stack(lambda b: b["mlp"]["c_fc"]["b"]),
-        mlp_proj_w=stack(lambda b: b["mlp"]["c_proj"]["w"], True), mlp_proj_b=stack(lambda b: b["mlp"]["c_proj"]["b"]),
-        ln_f_g=f32(ln_f["g"]), ln_f_b=f32(ln_f["b"]), lm_head=wte,
-    )  # fmt: skip
+    return GPT2Weights(wte=wte, wpe=f32(wpe), layers=layers, ln_f_g=f32(ln_f["g"]), ln_f_b=f32(ln_f["b"]), lm_head=wte)
 
 
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]

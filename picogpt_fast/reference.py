@@ -68,19 +68,15 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, eps: float = 1e-5, lm_head=None
 
 
 def params_from_weights(w: GPT2Weights) -> dict:
-    """picoGPT's nested params dict; its [in, out] matrices are views of our [out, in] ones."""
-
-    def lin(weight, bias, i):
-        return {"w": weight[i].T, "b": bias[i]}
-
+    """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
     blocks = [
         {
-            "ln_1": {"g": w.ln_1_g[i], "b": w.ln_1_b[i]},
-            "attn": {"c_attn": lin(w.attn_w, w.attn_b, i), "c_proj": lin(w.attn_proj_w, w.attn_proj_b, i)},
-            "ln_2": {"g": w.ln_2_g[i], "b": w.ln_2_b[i]},
-            "mlp": {"c_fc": lin(w.fc_w, w.fc_b, i), "c_proj": lin(w.mlp_proj_w, w.mlp_proj_b, i)},
+            "ln_1": {"g": lw.ln_1_g, "b": lw.ln_1_b},
+            "attn": {"c_attn": {"w": lw.attn_w, "b": lw.attn_b}, "c_proj": {"w": lw.attn_proj_w, "b": lw.attn_proj_b}},
+            "ln_2": {"g": lw.ln_2_g, "b": lw.ln_2_b},
+            "mlp": {"c_fc": {"w": lw.fc_w, "b": lw.fc_b}, "c_proj": {"w": lw.mlp_proj_w, "b": lw.mlp_proj_b}},
         }
-        for i in range(w.ln_1_g.shape[0])
+        for lw in w.layers
     ]
     return {"wte": w.wte, "wpe": w.wpe, "blocks": blocks, "ln_f": {"g": w.ln_f_g, "b": w.ln_f_b}}
 
@@ -92,7 +88,7 @@ class ReferenceBackend:
 
     def __init__(self, config: GPT2Config, weights: GPT2Weights, threads: int | None = None):
         self.config = config
-        self.weights = weights
+        self.weights = weights.check(config)
         self.params = params_from_weights(weights)
         self.threads = threads
 

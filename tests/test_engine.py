@@ -7,6 +7,7 @@
 - logits bitwise identical across runs and thread counts.
 """
 
+import dataclasses
 import subprocess
 import textwrap
 import threading
@@ -179,7 +180,7 @@ def test_bad_inputs(models):
 
 def test_nan_weights_give_a_clear_error(models):
     eng, _ = models("small")
-    broken = eng.weights.__class__(**{**eng.weights.__dict__, "ln_f_g": np.full_like(eng.weights.ln_f_g, np.nan)})
+    broken = dataclasses.replace(eng.weights, ln_f_g=np.full_like(eng.weights.ln_f_g, np.nan))
     with pytest.raises(InvalidArgumentError, match="NaN or infinite logits"):
         GPT2(eng.config, broken).generate([1, 2], 3)
 

@@ -60,21 +60,33 @@ def gelu64(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def scratch_for(M, N):
+    return np.zeros((numba.config.NUMBA_NUM_THREADS, M * N), F32)
+
+
 @pytest.mark.parametrize("M", [1, 2, 5, 17])
-@pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96)])
+@pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96), (200, 3)])
 def test_linear_all_modes(M, N, Kd, threads):
-    x, w, b = randn(M, Kd), randn(N, Kd), randn(N)
-    y64 = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    x, w, b = randn(M, Kd), randn(Kd, N), randn(N)
+    y64 = x.astype(np.float64) @ w.astype(np.float64) + b
     tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
     out = np.empty((M, N), F32)
-    K.linear(x, w, b, out, K.STORE)
+    K.linear(x, w, b, out, K.STORE, scratch_for(M, N), threads)
     np.testing.assert_allclose(out, y64, **tol)
-    K.linear(x, w, b, out, K.GELU)
+    K.linear(x, w, b, out, K.GELU, scratch_for(M, N), threads)
     np.testing.assert_allclose(out, gelu64(y64), **tol)
     resid = randn(M, N)
     out = resid.copy()
-    K.linear(x, w, b, out, K.ADD)
+    K.linear(x, w, b, out, K.ADD, scratch_for(M, N), threads)
     np.testing.assert_allclose(out, resid + y64, **tol)
+
+
+@pytest.mark.parametrize("M,V,E", [(1, 1, 1), (1, 5, 7), (3, 50257, 36), (2, 131, 64)])
+def test_logits(M, V, E, threads):
+    x, wte = randn(M, E), randn(V, E)
+    out = np.empty((M, V), F32)
+    K.logits(x, wte, out)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ wte.T.astype(np.float64), rtol=1e-5, atol=1e-5 * np.sqrt(E))
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -85,21 +97,24 @@ def test_bias_epilogue(mode, threads):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_linear_is_batch_and_thread_invariant():
-    """Each output is the same dot product whatever the batch and thread count: bitwise equal."""
-    x, w, b = randn(9, 96), randn(131, 96), randn(131)
+@pytest.mark.parametrize("N", [131, 1000, 2304])
+def test_linear_and_logits_are_batch_and_thread_invariant(N):
+    """Each output sums in the same order whatever the batch and thread count: bitwise equal."""
+    x, w, b, wte = randn(9, 99), randn(99, N), randn(N), randn(N, 99)
     results = []
     for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(n_threads)
-        batch = np.empty((9, 131), F32)
-        K.linear(x, w, b, batch, K.GELU)
+        batch, logits = np.empty((9, N), F32), np.empty((9, N), F32)
+        K.linear(x, w, b, batch, K.GELU, scratch_for(9, N), n_threads)
+        K.logits(x, wte, logits)
         for m in range(9):
-            row = np.empty((1, 131), F32)
-            K.linear(x[m : m + 1], w, b, row, K.GELU)
-            assert np.array_equal(row[0], batch[m])
-        results.append(batch)
+            row, lrow = np.empty((1, N), F32), np.empty((1, N), F32)
+            K.linear(x[m : m + 1], w, b, row, K.GELU, scratch_for(1, N), n_threads)
+            K.logits(x[m : m + 1], wte, lrow)
+            assert np.array_equal(row[0], batch[m]) and np.array_equal(lrow[0], logits[m])
+        results.append((batch, logits))
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert all(np.array_equal(results[0], r) for r in results)
+    assert all(np.array_equal(results[0][0], r[0]) and np.array_equal(results[0][1], r[1]) for r in results)
 
 
 def attention_numpy(qkv, seq, pos, keys, values, H, D):

@@ -1,5 +1,6 @@
 """The safetensors loader on real files: dtypes, name variants, and every kind of broken checkpoint."""
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -39,8 +40,11 @@ def bf16_bytes(a: np.ndarray) -> bytes:
 
 
 def assert_weights_equal(a: GPT2Weights, b: GPT2Weights):
-    for name in GPT2Weights.__dataclass_fields__:
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    pairs = list(zip(a.arrays(), b.arrays()))
+    assert len(pairs) == len(list(a.arrays())) == len(list(b.arrays())) and a.tied == b.tied
+    for (name, x), (other, y) in pairs:
+        assert name == other
+        np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 @pytest.fixture
@@ -59,14 +63,15 @@ def folder_with(tmp_path, config, tensors, tokenizer_dir):
     return tmp_path
 
 
-def test_float32_round_trip_and_layout(tmp_path, config, weights, tokenizer_dir):
+def test_float32_round_trip_is_zero_copy_and_read_only(tmp_path, config, weights, tokenizer_dir):
     save_pretrained(tmp_path, config, weights, tokenizer_dir=tokenizer_dir)
     loaded = load_weights(tmp_path, config)
     assert_weights_equal(loaded, weights)
-    assert loaded.tied and loaded.attn_w.flags.c_contiguous and loaded.attn_w.dtype == np.float32
-    # Hugging Face stores Conv1D weights [in, out]; the engine keeps [out, in]
+    fc = loaded.layers[1].fc_w
+    assert loaded.tied and fc.flags.c_contiguous and fc.dtype == np.float32 and fc.shape == (64, 256)
+    assert not fc.flags.writeable and not fc.flags.owndata  # a view into the mapped file
     raw = load_file(str(tmp_path / "model.safetensors"))
-    np.testing.assert_array_equal(raw["h.1.mlp.c_fc.weight"], loaded.fc_w[1].T)
+    np.testing.assert_array_equal(raw["h.1.mlp.c_fc.weight"], fc)  # Conv1D layout [in, out], as in the file
 
 
 def test_transformer_prefix_and_attention_buffers_are_accepted(tmp_path, config, weights, tokenizer_dir):
@@ -81,8 +86,8 @@ def test_transformer_prefix_and_attention_buffers_are_accepted(tmp_path, config,
 def test_float16_file(tmp_path, config, weights, tokenizer_dir):
     save_pretrained(tmp_path, config, weights, tokenizer_dir=tokenizer_dir, dtype=np.float16)
     loaded = load_weights(tmp_path, config)
-    assert loaded.wte.dtype == np.float32
-    np.testing.assert_array_equal(loaded.attn_w, weights.attn_w.astype(np.float16).astype(np.float32))
+    assert loaded.wte.dtype == np.float32 and not loaded.wte.flags.writeable
+    np.testing.assert_array_equal(loaded.layers[0].attn_w, weights.layers[0].attn_w.astype(np.float16).astype(np.float32))
 
 
 def test_bfloat16_file(tmp_path, config, weights, tokenizer_dir):
@@ -92,14 +97,14 @@ def test_bfloat16_file(tmp_path, config, weights, tokenizer_dir):
     for name in ("config.json", "vocab.json", "merges.txt"):
         shutil.copy(tmp_path / "x" / name, tmp_path / name)
     loaded = load_weights(tmp_path, config)
-    expected = np.frombuffer(bf16_bytes(weights.fc_w), np.uint16).astype(np.uint32) << 16
-    np.testing.assert_array_equal(loaded.fc_w.reshape(-1), expected.view(np.float32))
+    expected = np.frombuffer(bf16_bytes(weights.layers[1].fc_w), np.uint16).astype(np.uint32) << 16
+    np.testing.assert_array_equal(loaded.layers[1].fc_w.reshape(-1), expected.view(np.float32))
     assert np.abs(loaded.wte - weights.wte).max() <= np.abs(weights.wte).max() * 2**-8
 
 
 def test_untied_lm_head_is_used(tmp_path, config, weights, tokenizer_dir):
     head = np.random.default_rng(1).standard_normal(weights.wte.shape, dtype=np.float32)
-    untied = GPT2Weights(**{**weights.__dict__, "lm_head": head})
+    untied = dataclasses.replace(weights, lm_head=head)
     save_pretrained(tmp_path, config, untied, tokenizer_dir=tokenizer_dir)
     engine = GPT2.from_pretrained(tmp_path)
     assert not engine.weights.tied
@@ -134,7 +139,7 @@ def test_sharded_checkpoint(tmp_path, config, weights, tokenizer_dir):
 def test_missing_unexpected_and_misshaped_in_one_error(tmp_path, config, weights, tokenizer_dir):
     state = hf_state_dict(weights, config)
     del state["h.1.ln_2.bias"]
-    state["h.0.attn.c_proj.weight"] = state["h.0.attn.c_proj.weight"][:, :-1].copy()
+    state["h.0.attn.c_proj.weight"] = state["h.0.attn.c_proj.weight"][:, :-1].copy()  # [64, 63]
     state["h.7.mlp.c_fc.weight"] = np.zeros((2, 2), np.float32)
     folder_with(tmp_path, config, state, tokenizer_dir)
     with pytest.raises(CheckpointError) as e:

@@ -2,9 +2,9 @@
 caller-provided buffers and allocates nothing. Flags live in `jit.py`."""
 
 from .activations import ADD, GELU, STORE, bias_epilogue, gelu
-from .attention import attention, store_kv
+from .attention import attention, causal_softmax, store_kv
 from .embedding import embed
 from .layernorm import layer_norm
-from .linear import linear
+from .linear import linear, logits
 
-__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "embed", "gelu", "layer_norm", "linear", "store_kv"]
+__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "causal_softmax", "embed", "gelu", "layer_norm", "linear", "logits", "store_kv"]

@@ -23,22 +23,23 @@ F32 = np.float32
 
 @kernel
 def store_kv(qkv, seq, pos, k_cache, vt_cache):
-    """Copy each row's key and value into the cache.
+    """Copy each row's key and value into the cache, one head per work item.
 
     qkv [M, 3E] (q | k | v, heads side by side), seq/pos [M] int64,
-    k_cache [S, H, C, D], vt_cache [S, H, D, C].
+    k_cache [S, H, C, D], vt_cache [S, H, D, C]. Values are written d-major, so the rows of a
+    prompt (consecutive positions) fill contiguous runs of vt_cache.
     """
     M = qkv.shape[0]
     H, D = k_cache.shape[1], k_cache.shape[3]
     E = H * D
-    for m in prange(M):
-        s, p = seq[m], pos[m]
-        for h in range(H):
-            k = k_cache[s, h, p]
-            vt = vt_cache[s, h]
+    for h in prange(H):
+        for m in range(M):
+            k = k_cache[seq[m], h, pos[m]]
             for d in range(D):
                 k[d] = qkv[m, E + h * D + d]
-                vt[d, p] = qkv[m, 2 * E + h * D + d]
+        for d in range(D):
+            for m in range(M):
+                vt_cache[seq[m], h, d, pos[m]] = qkv[m, 2 * E + h * D + d]
 
 
 @kernel
@@ -81,3 +82,27 @@ def attention(qkv, seq, pos, k_cache, vt_cache, scale, out, scores):
             d += 4
         for d in range(d, D):
             o[d] = dot(values_t[d, :n], att) * inv
+
+
+@kernel
+def causal_softmax(scores, start, scale):
+    """Row i of scores [n, total] becomes softmax(scale * scores[i, :start + i + 1]), zeros after.
+
+    For a prompt computed with BLAS (scores = Q @ K.T over all keys): row i is the token at
+    position start + i, which sees keys 0..start + i.
+    """
+    n, total = scores.shape
+    for i in prange(n):
+        row = scores[i]
+        visible = min(start + i + 1, total)
+        best = row[:visible].max()
+        s = F32(0.0)
+        for t in range(visible):
+            e = exp((row[t] - best) * scale)
+            row[t] = e
+            s += e
+        inv = F32(1.0) / s
+        for t in range(visible):
+            row[t] *= inv
+        for t in range(visible, total):
+            row[t] = F32(0.0)

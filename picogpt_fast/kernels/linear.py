@@ -1,39 +1,86 @@
-"""Linear layers for few rows: y = x @ w.T + b with the weight stored [out, in].
+"""Matrix products for few rows: the linear layers (weights [in, out]) and the output projection
+(the embedding matrix [n_vocab, n_embd]).
 
-Decoding is a matrix-vector product per token and is bound by memory bandwidth: every weight is
-read once per step. Each prange iteration owns four output columns, i.e. four contiguous weight
-rows, and computes their dot products with every input row while those weights sit in cache; so a
-batch of M sequences reads the weights once per step, not M times. Every output is one dot product
-whose summation order is fixed by this code, whatever M and the thread count: a sequence decoded in
-a batch gets bitwise the same logits as decoded alone.
+Decoding multiplies one row per sequence by every weight matrix, so it is bound by memory
+bandwidth: each weight must be read once per step, at full speed. `linear` gives each thread one
+contiguous band of output columns and walks the weight rows k = 0..K-1, each thread reading its
+part of each row; a batch of M sequences is handled in the same walk, so the weights are read
+once per step for all of them. Every output sums its K products in the same order (k ascending,
+four at a time) whatever M, the band it falls in and the thread count: a sequence decoded in a
+batch gets bitwise the logits it gets alone, on any number of threads.
 
 For prompts (many rows) a BLAS matrix-matrix product is faster; `engine.py` chooses.
 """
 
+import numba
 from numba import prange
 
 from .activations import epilogue
 from .dot import dot, dot4
-from .jit import kernel
+from .jit import helper, kernel
+
+BAND = 64  # thread bands of columns start at multiples of this
 
 
 @kernel
-def linear(x, w, b, out, mode):
-    """out = epilogue(x @ w.T + b). x [M, K], w [N, K], b [N], out [M, N], mode STORE/GELU/ADD."""
+def linear(x, w, b, out, mode, scratch, bands):
+    """out = epilogue(x @ w + b). x [M, K], w [K, N], b [N], out [M, N], mode STORE/GELU/ADD,
+    scratch [n_threads, >= M * N] (each thread's accumulators), bands: the thread count (one band
+    of columns each; passed in because numba.get_num_threads() inside a kernel defeats caching)."""
+    N = w.shape[1]
+    band = -(-N // (bands * BAND)) * BAND
+    for t in prange(bands):
+        j0 = t * band
+        j1 = min(N, j0 + band)
+        if j0 < j1:
+            _band(x, w, b, out, mode, scratch[numba.get_thread_id()], j0, j1)
+
+
+@helper
+def _band(x, w, b, out, mode, scratch, j0, j1):
+    """Columns j0..j1 of linear() for every row."""
+    M, K = x.shape
+    n = j1 - j0
+    acc = scratch[: M * n].reshape((M, n))
+    acc[:, :] = 0
+    k = 0
+    while k + 4 <= K:
+        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
+        for m in range(M):
+            x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+            a = acc[m]
+            for j in range(n):
+                a[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
+        k += 4
+    for k in range(k, K):
+        wk = w[k, j0:j1]
+        for m in range(M):
+            xk = x[m, k]
+            a = acc[m]
+            for j in range(n):
+                a[j] += xk * wk[j]
+    for m in range(M):
+        for j in range(n):
+            epilogue(out, m, j0 + j, acc[m, j] + b[j0 + j], mode)
+
+
+@kernel
+def logits(x, wte, out):
+    """out = x @ wte.T: the output projection against the (tied) embedding matrix.
+
+    x [M, E], wte [V, E], out [M, V]. Each work item owns four vocabulary rows (contiguous in
+    wte) and takes their dot products with every input row while they sit in cache.
+    """
     M = x.shape[0]
-    N = w.shape[0]
-    n4 = N // 4
-    for blk in prange(n4 + N % 4):
-        if blk < n4:
+    V = wte.shape[0]
+    v4 = V // 4
+    for blk in prange(v4 + V % 4):
+        if blk < v4:
             j = 4 * blk
-            w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+            w0, w1, w2, w3 = wte[j], wte[j + 1], wte[j + 2], wte[j + 3]
             for m in range(M):
-                s0, s1, s2, s3 = dot4(w0, w1, w2, w3, x[m])
-                epilogue(out, m, j, s0 + b[j], mode)
-                epilogue(out, m, j + 1, s1 + b[j + 1], mode)
-                epilogue(out, m, j + 2, s2 + b[j + 2], mode)
-                epilogue(out, m, j + 3, s3 + b[j + 3], mode)
-        else:  # the last N % 4 columns, one each
-            j = 4 * n4 + (blk - n4)
+                out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = dot4(w0, w1, w2, w3, x[m])
+        else:  # the last V % 4 rows, one each
+            j = 4 * v4 + (blk - v4)
             for m in range(M):
-                epilogue(out, m, j, dot(w[j], x[m]) + b[j], mode)
+                out[m, j] = dot(wte[j], x[m])

@@ -1,0 +1,311 @@
+"""`picogpt-fast bench`: a llama-bench-style report measured side by side in one run.
+
+Workloads: ppN = prefill N prompt tokens (logits of the last one), tgN = decode N tokens one at a
+time after a one-token prompt, ttft = prompt to first token. Each is run `reps` times on the engine
+and on picoGPT's NumPy reference (and, with --peers, on transformers with the same weights); the
+table gives the median, the spread (half the min-max range) and the engine's speed-up.
+
+Decoding reads every weight once per token, so its speed is bounded by memory bandwidth. The report
+measures the machine's read bandwidth itself (a streaming read with the same threads) and states
+what fraction of it decoding achieves. It also states which BLAS NumPy uses and how: the settings
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE can halve NumPy's GEMM speed and so the prefill numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numba
+import numpy as np
+from numba import prange
+
+from .config import GPT2Config
+from .kernels.jit import kernel
+
+F32 = np.float32
+
+
+@kernel
+def stream_read(a, out):
+    """Read every element of a [R, C] array (four rows per work item, as the linear kernel does)."""
+    for b in prange(a.shape[0] // 4):
+        r0, r1, r2, r3 = a[4 * b], a[4 * b + 1], a[4 * b + 2], a[4 * b + 3]
+        s0 = s1 = s2 = s3 = F32(0.0)
+        for i in range(r0.shape[0]):
+            s0 += r0[i]
+            s1 += r1[i]
+            s2 += r2[i]
+            s3 += r3[i]
+        out[b] = s0 + s1 + s2 + s3
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Best-of-reps read bandwidth in GB/s over a buffer larger than the last-level cache."""
+    a = np.ones((nbytes // (4 * 4096), 4096), F32)
+    out = np.empty(a.shape[0] // 4, F32)
+    numba.set_num_threads(threads)
+    stream_read(a, out)
+    best = min(_timed(lambda: stream_read(a, out)) for _ in range(reps))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def blas_info() -> dict:
+    """Which BLAS NumPy uses (threadpoolctl), with the OpenBLAS settings that change its kernels."""
+    from threadpoolctl import threadpool_info
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    info = {k: libs[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if libs else {}
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS"):
+        info[var] = os.environ.get(var)
+    return info
+
+
+def machine_info(threads: int) -> dict:
+    from . import __version__
+    from .engine import threading_layer
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return {
+        "picogpt_fast": __version__, "python": platform.python_version(), "numpy": np.__version__,
+        "numba": numba.__version__, "threading_layer": threading_layer(), "threads": threads,
+        "cpu": cpu, "cores": os.cpu_count(), "blas": blas_info(),
+    }  # fmt: skip
+
+
+def _read_lines(path):
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def peak_rss_bytes() -> int:
+    for line in _read_lines("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Row:
+    test: str
+    backend: str
+    tokens: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.median_s
+
+    @property
+    def spread_tok_s(self) -> float:
+        rates = [self.tokens / s for s in self.seconds]
+        return (max(rates) - min(rates)) / 2
+
+
+# --------------------------------------------------------------------------- workloads
+def _prefill(backend, ids) -> float:
+    session = backend.default_session(1, len(ids))
+    session.reset()
+    return _timed(lambda: session.prefill(ids))
+
+
+def _decode(backend, first: int, n: int) -> float:
+    session = backend.default_session(1, n + 1)
+    session.reset()
+    token = int(np.argmax(session.prefill([first])))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = int(np.argmax(session.decode([token], [0])[0]))
+    return time.perf_counter() - t0
+
+
+def _ttft(backend, ids) -> float:
+    session = backend.default_session(1, len(ids) + 1)
+    session.reset()
+    return _timed(lambda: int(np.argmax(session.prefill(ids))))
+
+
+def bench_backend(backend, name: str, config: GPT2Config, prompt_lengths, gen: int, reps: int, rng) -> list[Row]:
+    rows = []
+    prompts = {n: rng.integers(0, config.n_vocab, n).tolist() for n in prompt_lengths}
+    _prefill(backend, prompts[prompt_lengths[0]][:8])  # warm up (compiles on a cold cache)
+    for n in prompt_lengths:
+        row = Row(f"pp{n}", name, n)
+        row.seconds = [_prefill(backend, prompts[n]) for _ in range(reps)]
+        rows.append(row)
+    row = Row(f"tg{gen}", name, gen)
+    row.seconds = [_decode(backend, int(rng.integers(config.n_vocab)), gen) for _ in range(reps)]
+    rows.append(row)
+    n = prompt_lengths[0]
+    row = Row(f"ttft (pp{n})", name, 1)
+    row.seconds = [_ttft(backend, prompts[n]) for _ in range(reps)]
+    rows.append(row)
+    return rows
+
+
+class _TransformersBackend:
+    """transformers' GPT2LMHeadModel with the same weights, timed through the same workloads."""
+
+    name = "transformers"
+
+    def __init__(self, config: GPT2Config, weights, threads: int):
+        import torch
+        import transformers
+
+        from .checkpoint import hf_state_dict
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")})
+        self.model = transformers.GPT2LMHeadModel(hf_config).eval()
+        state = {k: torch.from_numpy(v) for k, v in hf_state_dict(weights, config, prefix="transformer.").items()}
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        self.model.load_state_dict(state, strict=False)
+        self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+    def default_session(self, n_seq, capacity):
+        outer = self
+
+        class Session:
+            past = None
+
+            def reset(self):
+                self.past = None
+
+            def prefill(self, ids):
+                with outer.torch.no_grad():
+                    out = outer.model(outer.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                self.past = out.past_key_values
+                return out.logits[0, -1].numpy()
+
+            def decode(self, tokens, seqs):
+                with outer.torch.no_grad():
+                    out = outer.model(outer.torch.tensor([tokens]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
+                self.past = out.past_key_values
+                return out.logits[0].numpy()
+
+        return Session()
+
+
+def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float:
+    """Bytes decoding reads per token: every linear weight, the output projection, the KV cache."""
+    w = weights
+    linear = w.attn_w.nbytes + w.attn_proj_w.nbytes + w.fc_w.nbytes + w.mlp_proj_w.nbytes + w.lm_head.nbytes
+    kv = 2 * config.n_layer * config.n_embd * 4 * context
+    return linear + kv
+
+
+def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, out=sys.stdout) -> dict:
+    import warnings
+
+    from .engine import NumbaBackend, check_threads
+    from .errors import InvalidArgumentError
+    from .reference import ReferenceBackend
+    from .weights import random_weights
+
+    threads = check_threads(threads)
+    if not prompt_lengths or reps < 1 or gen < 1:
+        raise InvalidArgumentError("bench needs at least one prompt length, --gen >= 1 and --reps >= 1")
+    if model is not None:
+        from .model import GPT2
+
+        gpt = GPT2.from_pretrained(model, threads=threads)
+        config, weights, label = gpt.config, gpt.weights, str(model)
+    else:
+        config = GPT2Config.from_shape(shape)
+        weights = random_weights(config, std=0.02)
+        label = f"random weights, GPT-2 {shape} shape"
+    too_long = [n for n in prompt_lengths if n + 1 > config.n_ctx or n < 1]
+    if too_long or gen + 1 > config.n_ctx:
+        raise InvalidArgumentError(f"prompt lengths and --gen must fit the context of {config.n_ctx} tokens")
+    rng = np.random.default_rng(0)
+    engine = NumbaBackend(config, weights, threads)
+    result = {"model": label, "config": asdict(config), "machine": machine_info(threads)}
+    result["bandwidth_gb_s"] = measure_bandwidth(threads)
+    rows = bench_backend(engine, "numba", config, prompt_lengths, gen, reps, rng)
+    if reference:
+        ref_gen = min(gen, 16)  # the reference recomputes the whole sequence per token
+        rows += bench_backend(ReferenceBackend(config, weights), "numpy", config, prompt_lengths, ref_gen, reps, rng)
+    if peers:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peer = _TransformersBackend(config, weights, threads)
+            result["peer"] = peer.version
+            rows += bench_backend(peer, "transformers", config, prompt_lengths, gen, reps, rng)
+        except ImportError:
+            result["peer"] = "not installed (pip install '.[peers]')"
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["weights_bytes"] = weights.nbytes
+    result["rows"] = _rows_json(rows, config, weights, gen, result["bandwidth_gb_s"])
+    _print(result, fmt, out)
+    return result
+
+
+def _rows_json(rows: list[Row], config, weights, gen: int, bandwidth: float) -> list[dict]:
+    def key(r: Row) -> str:  # the reference decodes fewer tokens: compare time per token
+        return "tg" if r.test.startswith("tg") else r.test
+
+    engine = {key(r): r for r in rows if r.backend == "numba"}
+    out = []
+    for r in rows:
+        d = {"test": r.test, "backend": r.backend, "tokens": r.tokens, "median_ms": r.median_s * 1e3,
+             "tok_s": r.tok_s, "spread_tok_s": r.spread_tok_s, "reps": len(r.seconds), "numba_speedup": None}  # fmt: skip
+        if r.test.startswith("tg"):
+            gbs = decode_bytes_per_token(config, weights, 1 + r.tokens / 2) * r.tok_s / 1e9
+            d.update(gb_s=gbs, bandwidth_fraction=gbs / bandwidth)
+        e = engine.get(key(r))
+        if r.backend != "numba" and e is not None:
+            d["numba_speedup"] = (r.median_s / r.tokens) / (e.median_s / e.tokens)
+        out.append(d)
+    return out
+
+
+def _print(result: dict, fmt: str, out) -> None:
+    if fmt == "json":
+        out.write(json.dumps(result, indent=2) + "\n")
+        return
+    if fmt == "csv":
+        keys = ["test", "backend", "tokens", "median_ms", "tok_s", "spread_tok_s", "gb_s", "bandwidth_fraction", "numba_speedup", "reps"]
+        out.write(",".join(keys) + "\n")
+        for r in result["rows"]:
+            out.write(",".join("" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
+        return
+    m, blas = result["machine"], result["machine"]["blas"]
+    out.write(f"model: {result['model']}  ({result['config']['n_layer']} layers, n_embd {result['config']['n_embd']})\n")
+    out.write(
+        f"machine: {m['cpu']}, {m['cores']} cores; numba {m['numba']} ({m['threading_layer']}), {m['threads']} threads; "
+        f"BLAS {blas.get('internal_api')} {blas.get('version')} {blas.get('architecture')} kernels "
+        f"(OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
+    )
+    out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
+              f"(weights {result['weights_bytes'] / 1e6:.0f} MB)\n")  # fmt: skip
+    if "peer" in result:
+        out.write(f"peer: {result['peer']}\n")
+    out.write("\n| test | backend | tok/s | ± | ms | numba speed-up | decode GB/s | % of bandwidth |\n")
+    out.write("|---|---|---:|---:|---:|---:|---:|---:|\n")
+    for r in result["rows"]:
+        speed = f"{r['numba_speedup']:.1f}x" if r["numba_speedup"] else ""
+        gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
+        frac = f"{100 * r['bandwidth_fraction']:.0f}%" if "gb_s" in r else ""
+        out.write(f"| {r['test']} | {r['backend']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {speed} | {gbs} | {frac} |\n")
