@@ -163,8 +163,8 @@ def bench_backend(backend, name: str, config: GPT2Config, prompt_lengths, gen: i
     return rows
 
 
-class _TransformersBackend:
-    """transformers' GPT2LMHeadModel with the same weights, timed through the same workloads."""
+class TransformersBackend:
+    """transformers' GPT2LMHeadModel with the same weights, driven through the same workloads."""
 
     name = "transformers"
 
@@ -178,13 +178,13 @@ class _TransformersBackend:
         self.torch = torch
         hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")})
         self.model = transformers.GPT2LMHeadModel(hf_config).eval()
-        state = {k: torch.from_numpy(v) for k, v in hf_state_dict(weights, config, prefix="transformer.").items()}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(weights, config, prefix="transformer.").items()}
         state["lm_head.weight"] = state["transformer.wte.weight"]
         self.model.load_state_dict(state, strict=False)
         self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
 
     def default_session(self, n_seq, capacity):
-        outer = self
+        torch, model = self.torch, self.model
 
         class Session:
             past = None
@@ -193,69 +193,102 @@ class _TransformersBackend:
                 self.past = None
 
             def prefill(self, ids):
-                with outer.torch.no_grad():
-                    out = outer.model(outer.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                with torch.no_grad():
+                    out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
                 self.past = out.past_key_values
                 return out.logits[0, -1].numpy()
 
             def decode(self, tokens, seqs):
-                with outer.torch.no_grad():
-                    out = outer.model(outer.torch.tensor([tokens]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
+                with torch.no_grad():
+                    out = model(torch.tensor([tokens]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
                 self.past = out.past_key_values
                 return out.logits[0].numpy()
 
         return Session()
 
 
+def _model_for(spec: dict):
+    """(config, weights, label) for a bench spec: a model name/path, or a shape with seeded random weights."""
+    from .weights import random_weights
+
+    if spec.get("model") is not None:
+        from .model import GPT2
+
+        gpt = GPT2.from_pretrained(spec["model"], backend="numpy")
+        return gpt.config, gpt.weights, str(spec["model"])
+    config = GPT2Config.from_shape(spec["shape"])
+    return config, random_weights(config, seed=spec.get("seed", 0), std=0.02), f"random weights, GPT-2 {spec['shape']} shape"
+
+
+def measure_in_subprocess(spec: dict, backend: str) -> dict:
+    """Run one backend's workloads in a fresh process (so that no other thread pool competes with
+    it: OpenMP and OpenBLAS worker threads keep spinning on the cores after their last task)."""
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, "-m", "picogpt_fast.benchmark", json.dumps({**spec, "backend": backend})],
+        capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )  # fmt: skip
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{backend} benchmark failed: {last}")
+    return json.loads(r.stdout)
+
+
+def _child(spec: dict) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    config, weights, _ = _model_for(spec)
+    if spec["backend"] == "transformers":
+        backend = TransformersBackend(config, weights, spec["threads"])
+        version = backend.version
+    else:
+        from .engine import NumbaBackend
+
+        backend, version = NumbaBackend(config, weights, spec["threads"]), "picogpt-fast"
+    rows = bench_backend(backend, spec["backend"], config, spec["prompt_lengths"], spec["gen"], spec["reps"], np.random.default_rng(0))
+    print(json.dumps({"version": version, "rows": [asdict(r) for r in rows]}))
+
+
 def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float:
-    """Bytes decoding reads per token: every linear weight, the output projection, the KV cache."""
+    """Bytes decoding reads per token: every weight but the embedding tables (one row each), the
+    output projection (the tied wte), and the KV cache at that context."""
     w = weights
-    linear = w.attn_w.nbytes + w.attn_proj_w.nbytes + w.fc_w.nbytes + w.mlp_proj_w.nbytes + w.lm_head.nbytes
-    kv = 2 * config.n_layer * config.n_embd * 4 * context
-    return linear + kv
+    read = w.nbytes - w.wpe.nbytes - (0 if w.tied else w.wte.nbytes)
+    return read + 2 * config.n_layer * config.n_embd * 4 * context
 
 
 def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, out=sys.stdout) -> dict:
-    import warnings
-
     from .engine import NumbaBackend, check_threads
     from .errors import InvalidArgumentError
     from .reference import ReferenceBackend
-    from .weights import random_weights
 
     threads = check_threads(threads)
     if not prompt_lengths or reps < 1 or gen < 1:
         raise InvalidArgumentError("bench needs at least one prompt length, --gen >= 1 and --reps >= 1")
-    if model is not None:
-        from .model import GPT2
-
-        gpt = GPT2.from_pretrained(model, threads=threads)
-        config, weights, label = gpt.config, gpt.weights, str(model)
-    else:
-        config = GPT2Config.from_shape(shape)
-        weights = random_weights(config, std=0.02)
-        label = f"random weights, GPT-2 {shape} shape"
-    too_long = [n for n in prompt_lengths if n + 1 > config.n_ctx or n < 1]
-    if too_long or gen + 1 > config.n_ctx:
+    spec = {"model": model, "shape": shape, "seed": 0, "threads": threads, "prompt_lengths": prompt_lengths, "gen": gen, "reps": reps}
+    config, weights, label = _model_for(spec)
+    if any(n < 1 or n + 1 > config.n_ctx for n in prompt_lengths) or gen + 1 > config.n_ctx:
         raise InvalidArgumentError(f"prompt lengths and --gen must fit the context of {config.n_ctx} tokens")
     rng = np.random.default_rng(0)
-    engine = NumbaBackend(config, weights, threads)
     result = {"model": label, "config": asdict(config), "machine": machine_info(threads)}
+    rows = bench_backend(NumbaBackend(config, weights, threads), "numba", config, prompt_lengths, gen, reps, rng)
+    result["peak_rss_bytes"] = peak_rss_bytes()  # the engine's: weights, KV cache, buffers
     result["bandwidth_gb_s"] = measure_bandwidth(threads)
-    rows = bench_backend(engine, "numba", config, prompt_lengths, gen, reps, rng)
     if reference:
         ref_gen = min(gen, 16)  # the reference recomputes the whole sequence per token
         rows += bench_backend(ReferenceBackend(config, weights), "numpy", config, prompt_lengths, ref_gen, reps, rng)
     if peers:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                peer = _TransformersBackend(config, weights, threads)
-            result["peer"] = peer.version
-            rows += bench_backend(peer, "transformers", config, prompt_lengths, gen, reps, rng)
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
         except ImportError:
-            result["peer"] = "not installed (pip install '.[peers]')"
-    result["peak_rss_bytes"] = peak_rss_bytes()
+            result["peer"] = "transformers not installed (pip install '.[peers]')"
+        else:
+            peer = measure_in_subprocess(spec, "transformers")
+            result["peer"] = peer["version"] + " (measured in a separate process)"
+            rows += [Row(**r) for r in peer["rows"]]
     result["weights_bytes"] = weights.nbytes
     result["rows"] = _rows_json(rows, config, weights, gen, result["bandwidth_gb_s"])
     _print(result, fmt, out)
@@ -298,7 +331,7 @@ def _print(result: dict, fmt: str, out) -> None:
         f"BLAS {blas.get('internal_api')} {blas.get('version')} {blas.get('architecture')} kernels "
         f"(OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
     )
-    out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
+    out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; engine peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
               f"(weights {result['weights_bytes'] / 1e6:.0f} MB)\n")  # fmt: skip
     if "peer" in result:
         out.write(f"peer: {result['peer']}\n")
@@ -309,3 +342,7 @@ def _print(result: dict, fmt: str, out) -> None:
         gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if "gb_s" in r else ""
         out.write(f"| {r['test']} | {r['backend']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {speed} | {gbs} | {frac} |\n")
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))

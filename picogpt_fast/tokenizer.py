@@ -51,13 +51,14 @@ class Tokenizer:
         self.n_vocab = max(vocab.values()) + 1
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         byte_encoder = bytes_to_unicode()
-        byte_decoder = {c: b for b, c in byte_encoder.items()}
-        # latin-1 decoding turns each byte b into chr(b); this table then maps it into GPT-2's alphabet.
+        # latin-1 decoding turns each byte b into chr(b); these tables map it into GPT-2's alphabet and back.
         self._byte_alphabet = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
+        from_alphabet = str.maketrans({c: chr(b) for b, c in byte_encoder.items()})
         self._token_bytes: list[bytes | None] = [None] * self.n_vocab
         for token, i in vocab.items():
-            if all(c in byte_decoder for c in token):
-                self._token_bytes[i] = bytes(byte_decoder[c] for c in token)
+            latin1 = token.translate(from_alphabet)
+            if latin1.translate(self._byte_alphabet) == token:  # every character is in the alphabet
+                self._token_bytes[i] = latin1.encode("latin-1")
             else:  # an added token written in plain text
                 self._token_bytes[i] = token.encode("utf-8")
         self.special_tokens = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}

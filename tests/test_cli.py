@@ -145,6 +145,21 @@ def test_version_and_help(cli):
     assert code == 0 and "--n_tokens_to_generate" in out
 
 
+def test_bench_report(cli, model_dir):
+    code, out, err = cli("bench", "--model", model_dir("small"), "--prompt", "4,20", "--gen", 3, "--reps", 2, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    tests = {(row["test"], row["backend"]) for row in r["rows"]}
+    assert {("pp4", "numba"), ("pp20", "numba"), ("tg3", "numba"), ("pp4", "numpy"), ("tg3", "numpy")} <= tests
+    decode = next(row for row in r["rows"] if row["test"] == "tg3")
+    assert decode["tok_s"] > 0 and 0 < decode["bandwidth_fraction"] and decode["reps"] == 2
+    assert r["bandwidth_gb_s"] > 0 and r["peak_rss_bytes"] > 0 and r["machine"]["threading_layer"]
+    code, out, _ = cli("bench", "--model", model_dir("small"), "--prompt", "4", "--gen", 2, "--reps", 1, "--no-reference")
+    assert code == 0 and "| pp4 | numba |" in out and "numpy" not in out.split("| test |")[1]
+    code, _, err = cli("bench", "--model", model_dir("small"), "--prompt", "500")
+    assert code == 1 and "must fit the context" in err
+
+
 def test_warmup(cli):
     start = time.perf_counter()
     code, out, err = cli("warmup")

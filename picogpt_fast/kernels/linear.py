@@ -6,7 +6,7 @@ bandwidth: each weight must be read once per step, at full speed. `linear` gives
 contiguous band of output columns and walks the weight rows k = 0..K-1, each thread reading its
 part of each row; a batch of M sequences is handled in the same walk, so the weights are read
 once per step for all of them. Every output sums its K products in the same order (k ascending,
-four at a time) whatever M, the band it falls in and the thread count: a sequence decoded in a
+eight at a time) whatever M, the band it falls in and the thread count: a sequence decoded in a
 batch gets bitwise the logits it gets alone, on any number of threads.
 
 For prompts (many rows) a BLAS matrix-matrix product is faster; `engine.py` chooses.
@@ -44,14 +44,16 @@ def _band(x, w, b, out, mode, scratch, j0, j1):
     acc = scratch[: M * n].reshape((M, n))
     acc[:, :] = 0
     k = 0
-    while k + 4 <= K:
+    while k + 8 <= K:  # eight weight rows per pass over the accumulators
         w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
+        w4, w5, w6, w7 = w[k + 4, j0:j1], w[k + 5, j0:j1], w[k + 6, j0:j1], w[k + 7, j0:j1]
         for m in range(M):
             x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+            x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
             a = acc[m]
             for j in range(n):
-                a[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
-        k += 4
+                a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
+        k += 8
     for k in range(k, K):
         wk = w[k, j0:j1]
         for m in range(M):

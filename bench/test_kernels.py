@@ -1,0 +1,134 @@
+"""Each kernel against its NumPy counterpart at GPT-2 124M shapes, grouped by kernel.
+
+The per-shape choice between the Numba linear kernel and NumPy's BLAS is made by row count
+(engine.BLAS_MIN_ROWS); its measurement is test_model.py::test_prompt_path_crossover, end to end,
+because in isolation the two thread pools' spin-waiting distorts the comparison."""
+
+import numba
+import numpy as np
+import pytest
+
+from picogpt_fast import kernels as K
+from picogpt_fast import reference as R
+from picogpt_fast.engine import KVCache, max_threads
+
+from .conftest import throughput
+
+F32 = np.float32
+rng = np.random.default_rng(0)
+E, H, D, F, V = 768, 12, 64, 3072, 50257
+
+
+def randn(*shape, scale=1.0):
+    a = (rng.standard_normal(shape) * scale).astype(F32)
+    return a
+
+
+def readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+def scratch(rows, cols):
+    return np.zeros((max_threads(), rows * cols), F32)
+
+
+@pytest.mark.parametrize("rows", [1, 256])
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_layer_norm(benchmark, record, impl, rows):
+    x, g, b = randn(rows, E), readonly(randn(E)), readonly(randn(E))
+    out = np.empty_like(x)
+    record(f"layer_norm rows={rows}")
+    if impl == "numba":
+        benchmark(K.layer_norm, x, g, b, F32(1e-5), out)
+    else:
+        benchmark(R.layer_norm, x, g, b, 1e-5)
+    throughput(benchmark, x.nbytes / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_gelu(benchmark, record, impl):
+    y, b = randn(256, F), readonly(randn(F))
+    out = np.empty_like(y)
+    record("bias + gelu 256x3072")
+    if impl == "numba":
+        benchmark(K.bias_epilogue, y, b, out, K.GELU)
+    else:
+        benchmark(lambda: R.gelu(y + b))
+    throughput(benchmark, y.nbytes / 1e9, "GB/s")
+
+
+def attention_numpy(q_rows, keys, values, start):
+    """picoGPT's masked softmax attention per head (rows at positions start..start+n-1)."""
+    n, total = len(q_rows), len(keys)
+    mask = np.full((n, total), F32(-1e10))
+    for i in range(n):
+        mask[i, : start + i + 1] = 0
+    out = []
+    for h in range(H):
+        sl = slice(h * D, (h + 1) * D)
+        out.append(R.attention(q_rows[:, sl], keys[:, sl], values[:, sl], mask))
+    return np.hstack(out)
+
+
+@pytest.mark.parametrize("case", ["prompt256", "decode@64", "decode@512"])
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_attention(benchmark, record, impl, case):
+    n, total = (256, 256) if case == "prompt256" else (1, int(case.split("@")[1]))
+    start = total - n
+    kv = randn(total, 2 * E)
+    qkv = np.concatenate([randn(n, E), kv[start:]], axis=1)
+    from picogpt_fast.config import GPT2Config
+
+    cache = KVCache(GPT2Config(n_vocab=1, n_ctx=1024), 1, 1024)
+    seq, pos = np.zeros(total, np.int64), np.arange(total, dtype=np.int64)
+    K.store_kv(np.concatenate([np.zeros((total, E), F32), kv], axis=1), seq, pos, cache.k[0], cache.vt[0])
+    out = np.empty((n, E), F32)
+    scores = np.zeros((max_threads(), 1024), F32)
+    record(f"attention {case}", pairs=H * n * (start + (n + 1) / 2))
+    if impl == "numba":
+        benchmark(K.attention, qkv, seq[:n], pos[start:], cache.k[0], cache.vt[0], F32(1 / 8), out, scores)
+    else:
+        benchmark(attention_numpy, qkv[:, :E], kv[:, :E], kv[:, E:], start)
+
+
+@pytest.mark.parametrize("shape", [(768, 2304), (768, 3072), (3072, 768)])
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_matvec(benchmark, record, impl, shape):
+    k, n = shape
+    x, w, b = randn(1, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
+    out = np.empty((1, n), F32)
+    acc = scratch(1, n)
+    record(f"matrix-vector {k}x{n}")
+    if impl == "numba":
+        benchmark(K.linear, x, w, b, out, K.STORE, acc, numba.get_num_threads())
+    else:
+        benchmark(lambda: np.matmul(x, w, out=out))
+    throughput(benchmark, w.nbytes / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("shape", [(768, 2304), (768, 3072), (3072, 768)])
+@pytest.mark.parametrize("impl", ["numba", "blas"])
+def test_matmat(benchmark, record, impl, shape):
+    k, n = shape
+    x, w, b = randn(256, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
+    out = np.empty((256, n), F32)
+    acc = scratch(256, n)
+    record(f"matrix-matrix 256x{k}x{n}")
+    if impl == "numba":
+        benchmark(K.linear, x, w, b, out, K.STORE, acc, numba.get_num_threads())
+    else:
+        benchmark(lambda: np.matmul(x, w, out=out))
+    throughput(benchmark, 2 * 256 * k * n / 1e9, "GFLOP/s")
+
+
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_output_projection(benchmark, record, impl):
+    x, wte = randn(1, E), readonly(randn(V, E, scale=0.02))
+    out = np.empty((1, V), F32)
+    record("output projection 768x50257")
+    if impl == "numba":
+        benchmark(K.logits, x, wte, out)
+    else:
+        benchmark(lambda: np.matmul(x, wte.T, out=out))
+    throughput(benchmark, wte.nbytes / 1e9, "GB/s")

@@ -1,0 +1,118 @@
+"""End-to-end workloads at GPT-2 124M's shape: prefill, decode at two contexts, the seed workload
+on the engine and on picoGPT's reference, batched decode, and transformers when installed."""
+
+import numpy as np
+import pytest
+
+from picogpt_fast.benchmark import decode_bytes_per_token
+
+from .conftest import throughput
+
+rng = np.random.default_rng(1)
+
+
+def prompt(n):
+    return rng.integers(0, 50257, n).tolist()
+
+
+@pytest.mark.parametrize("n", [64, 256, 1024])
+def test_prefill(benchmark, record, engine124, n):
+    ids = prompt(n)
+    session = engine124._backend.session(1, n)
+
+    def run():
+        session.reset()
+        session.prefill(ids)
+
+    record(f"prefill {n}")
+    benchmark.pedantic(run, warmup_rounds=1, rounds=5 if n < 1024 else 3)
+    throughput(benchmark, n, "tok/s")
+
+
+@pytest.mark.parametrize("context", [64, 512])
+def test_decode(benchmark, record, engine124, context):
+    """32 decode steps starting at `context` tokens already in the cache."""
+    session = engine124._backend.session(1, context + 33)
+
+    def setup():
+        session.reset()
+        session.prefill(prompt(context))
+        return (), {}
+
+    def run():
+        token = 0
+        for _ in range(32):
+            token = int(np.argmax(session.decode([token], [0])[0]))
+
+    record(f"decode 32 tokens at context {context}")
+    benchmark.pedantic(run, setup=setup, warmup_rounds=1, rounds=5)
+    throughput(benchmark, 32, "tok/s")
+    bytes_per_token = decode_bytes_per_token(engine124.config, engine124.weights, context + 16)
+    throughput(benchmark, 32 * bytes_per_token / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_seed_workload(benchmark, record, engine124, reference124, backend):
+    """picoGPT's example: a 64-token prompt and 32 greedy tokens (the reference recomputes the
+    whole sequence for every token, as picoGPT does)."""
+    model = engine124 if backend == "numba" else reference124
+    ids = prompt(64)
+    record("seed workload: 64-token prompt + 32 greedy tokens")
+    result = benchmark.pedantic(lambda: model.generate(ids, 32, stop_at_eos=False), warmup_rounds=int(backend == "numba"), rounds=3 if backend == "numba" else 1)
+    assert len(result) == 32
+    throughput(benchmark, 32, "tok/s")
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+def test_batched_decode(benchmark, record, engine124, batch):
+    prompts = [prompt(16 + 3 * i) for i in range(batch)]
+
+    def run():
+        engine124.generate_batch(prompts, 16, stop_at_eos=False)
+
+    record("batched generation, 16 new tokens per prompt", batch=batch)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=3)
+    throughput(benchmark, 16 * batch, "tok/s")
+
+
+def test_peer_transformers(benchmark, record):
+    """The engine and transformers (same random 124M weights), each in a fresh process so that no
+    thread pool left spinning by the other competes with it: prefill 256, decode 64."""
+    pytest.importorskip("torch", reason="peer not installed: pip install '.[peers]'")
+    pytest.importorskip("transformers", reason="peer not installed: pip install '.[peers]'")
+    import numba
+
+    from picogpt_fast.benchmark import measure_in_subprocess
+
+    spec = {"shape": "124M", "seed": 0, "threads": numba.get_num_threads(), "prompt_lengths": [256], "gen": 64, "reps": 3}
+    results = {}
+
+    def run():
+        for backend in ("numba", "transformers"):
+            results[backend] = measure_in_subprocess(spec, backend)
+
+    record("peer: engine vs transformers (separate processes)")
+    benchmark.pedantic(run, rounds=1)
+    for backend, r in results.items():
+        for row in r["rows"]:
+            benchmark.extra_info[f"{backend} {row['test']} tok/s"] = round(row["tokens"] / sorted(row["seconds"])[len(row["seconds"]) // 2], 2)
+    benchmark.extra_info["peer"] = results["transformers"]["version"]
+
+
+@pytest.mark.parametrize("n", [8, 16, 24, 32, 64])
+@pytest.mark.parametrize("path", ["numba", "blas"])
+def test_prompt_path_crossover(benchmark, record, engine124, monkeypatch, path, n):
+    """Prefill of n tokens through the Numba kernels or through BLAS: where engine.BLAS_MIN_ROWS belongs."""
+    from picogpt_fast import engine
+
+    monkeypatch.setattr(engine, "BLAS_MIN_ROWS", 10**9 if path == "numba" else 1)
+    ids = prompt(n)
+    session = engine124._backend.session(1, n)
+
+    def run():
+        session.reset()
+        session.prefill(ids)
+
+    record(f"prompt path crossover, {n} tokens")
+    benchmark.pedantic(run, warmup_rounds=1, rounds=7)
+    throughput(benchmark, n, "tok/s")
