@@ -93,33 +93,23 @@ def test_attention(benchmark, record, impl, case):
 
 
 @pytest.mark.parametrize("shape", [(768, 2304), (768, 3072), (3072, 768)])
-@pytest.mark.parametrize("impl", ["numba", "numpy"])
-def test_matvec(benchmark, record, impl, shape):
-    k, n = shape
-    x, w, b = randn(1, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
-    out = np.empty((1, n), F32)
-    acc = scratch(1, n)
-    record(f"matrix-vector {k}x{n}")
-    if impl == "numba":
-        benchmark(K.linear, x, w, b, out, K.STORE, acc, numba.get_num_threads())
-    else:
-        benchmark(lambda: np.matmul(x, w, out=out))
-    throughput(benchmark, w.nbytes / 1e9, "GB/s")
-
-
-@pytest.mark.parametrize("shape", [(768, 2304), (768, 3072), (3072, 768)])
+@pytest.mark.parametrize("rows", [1, 256], ids=["matvec", "matmat256"])
 @pytest.mark.parametrize("impl", ["numba", "blas"])
-def test_matmat(benchmark, record, impl, shape):
+def test_linear(benchmark, record, impl, rows, shape):
+    """One row: a decode step, bound by memory bandwidth (GB/s). 256 rows: a prompt (GFLOP/s)."""
     k, n = shape
-    x, w, b = randn(256, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
-    out = np.empty((256, n), F32)
-    acc = scratch(256, n)
-    record(f"matrix-matrix 256x{k}x{n}")
+    x, w, b = randn(rows, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
+    out = np.empty((rows, n), F32)
+    acc = scratch(rows, n)
+    record(f"linear {rows}x{k}x{n}")
     if impl == "numba":
         benchmark(K.linear, x, w, b, out, K.STORE, acc, numba.get_num_threads())
     else:
         benchmark(lambda: np.matmul(x, w, out=out))
-    throughput(benchmark, 2 * 256 * k * n / 1e9, "GFLOP/s")
+    if rows == 1:
+        throughput(benchmark, w.nbytes / 1e9, "GB/s")
+    else:
+        throughput(benchmark, 2 * rows * k * n / 1e9, "GFLOP/s")
 
 
 @pytest.mark.parametrize("impl", ["numba", "numpy"])

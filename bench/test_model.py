@@ -15,18 +15,23 @@ def prompt(n):
     return rng.integers(0, 50257, n).tolist()
 
 
-@pytest.mark.parametrize("n", [64, 256, 1024])
-def test_prefill(benchmark, record, engine124, n):
+def bench_prefill(benchmark, model, n: int, rounds: int) -> None:
+    """Time a prompt of n random tokens (logits of the last one) on a fresh session."""
     ids = prompt(n)
-    session = engine124._backend.session(1, n)
+    session = model._backend.session(1, n)
 
     def run():
         session.reset()
         session.prefill(ids)
 
-    record(f"prefill {n}")
-    benchmark.pedantic(run, warmup_rounds=1, rounds=5 if n < 1024 else 3)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=rounds)
     throughput(benchmark, n, "tok/s")
+
+
+@pytest.mark.parametrize("n", [64, 256, 1024])
+def test_prefill(benchmark, record, engine124, n):
+    record(f"prefill {n}")
+    bench_prefill(benchmark, engine124, n, rounds=5 if n < 1024 else 3)
 
 
 @pytest.mark.parametrize("context", [64, 512])
@@ -106,13 +111,5 @@ def test_prompt_path_crossover(benchmark, record, engine124, monkeypatch, path, 
     from picogpt_fast import engine
 
     monkeypatch.setattr(engine, "BLAS_MIN_ROWS", 10**9 if path == "numba" else 1)
-    ids = prompt(n)
-    session = engine124._backend.session(1, n)
-
-    def run():
-        session.reset()
-        session.prefill(ids)
-
     record(f"prompt path crossover, {n} tokens")
-    benchmark.pedantic(run, warmup_rounds=1, rounds=7)
-    throughput(benchmark, n, "tok/s")
+    bench_prefill(benchmark, engine124, n, rounds=7)

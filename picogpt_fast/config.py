@@ -7,11 +7,10 @@ does not compute is refused by naming the key, rather than silently computing a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, read_json
 
 # transformers.GPT2Config defaults for the keys we read.
 HF_DEFAULTS = {
@@ -141,12 +140,7 @@ class GPT2Config:
     def from_file(cls, path: str | Path) -> "GPT2Config":
         """Read config.json (Hugging Face) or hparams.json (OpenAI / picoGPT)."""
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download the model") from None
+        d = read_json(path, ConfigError)
         if path.name == "hparams.json":
             return cls.from_hparams(d, source=str(path))
         return cls.from_hf_dict(d, source=str(path))

@@ -26,7 +26,7 @@ F32 = np.float32
 
 # Linear layers with at least this many rows use NumPy's BLAS (matrix-matrix product, reads each
 # weight once for many rows); fewer rows use the Numba kernel, which is bandwidth-bound and
-# batch-invariant. Measured in bench/test_kernels.py::test_linear_crossover. Decode steps always use
+# batch-invariant. Measured in bench/test_model.py::test_prompt_path_crossover. Decode steps always use
 # the Numba kernel so that batched decoding gives bitwise the logits of decoding alone.
 BLAS_MIN_ROWS = 16
 

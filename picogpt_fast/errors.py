@@ -32,3 +32,16 @@ class InvalidArgumentError(PicoGPTError, ValueError):
 
 class ConcurrencyError(PicoGPTError, RuntimeError):
     """Two sessions ran at once on a Numba threading layer that cannot do that safely."""
+
+
+def read_json(path, error: type[PicoGPTError], missing: str = ""):
+    """Parse a JSON file; a missing or malformed file becomes one clear `error`."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path} does not exist{missing}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); re-download the model") from None

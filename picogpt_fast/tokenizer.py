@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import json
 from pathlib import Path
 from typing import Collection, Iterable, Literal
 
 import regex
 
-from .errors import CheckpointError, InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError, read_json
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -70,12 +69,7 @@ class Tokenizer:
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> "Tokenizer":
         """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe)."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{vocab_path} does not exist; the tokenizer needs vocab.json") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{vocab_path} is not valid JSON ({e}); re-download the model") from None
+        vocab = read_json(vocab_path, CheckpointError, "; the tokenizer needs vocab.json")
         if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) and v >= 0 for v in vocab.values()):
             raise CheckpointError(f"{vocab_path} is not a JSON object of token -> id; re-download the model")
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import GPT2Config
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 # safetensors dtype -> numpy dtype of the raw little-endian data
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
@@ -226,9 +226,9 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index, CheckpointError)["weight_map"]
             return sorted({folder / name for name in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index} is not a valid safetensors index; re-download the model") from None
     raise CheckpointError(f"{folder} has no model.safetensors; picogpt-fast needs safetensors weights")
 
