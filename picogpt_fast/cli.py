@@ -152,6 +152,8 @@ def _read_prompts(prompt_file, jsonl_file) -> list[str]:
     text = _read_text(path)
     lines = text.splitlines()
     if prompt_file is not None:
+        if not lines:
+            raise InvalidArgumentError(f"{path} holds no prompts")
         return lines
     prompts = []
     for n, line in enumerate(lines, 1):
@@ -190,12 +192,10 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
         out.write(prompt)
         out.flush()
     t0 = time.perf_counter()
-    n = 0
     try:
         for piece in gpt.stream_text(ids, max_new_tokens, stop=stop, stop_at_eos=not ignore_eos, clip=clip, **sampling):
             out.write(piece)
             out.flush()
-            n += 1
     except KeyboardInterrupt:
         out.write("\n")
         out.flush()

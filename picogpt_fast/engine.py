@@ -30,6 +30,12 @@ F32 = np.float32
 # the Numba kernel so that batched decoding gives bitwise the logits of decoding alone.
 BLAS_MIN_ROWS = 16
 
+# While BLAS's threads own the cores (a prompt of BLAS_MIN_ROWS or more), the Numba kernels between
+# its calls run on the calling thread alone: OpenMP workers that spin-wait after a parallel kernel
+# would otherwise take a core from the next BLAS call. Measured (2 cores, 256-token prompt) by
+# bench/test_model.py::test_prompt_numba_threads; None gives them every thread.
+NUMBA_THREADS_DURING_BLAS: int | None = 1
+
 
 def max_threads() -> int:
     """Numba's thread pool size (NUMBA_NUM_THREADS, fixed at start-up; defaults to the core count)."""
@@ -128,9 +134,10 @@ class KVCache:
         L, H, D = config.n_layer, config.n_head, config.head_dim
         self.capacity = capacity
         self.k = np.zeros((L, n_seq, H, capacity, D), F32)
-        # Rows of vt are padded off multiples of 4 KiB: D rows 4 KiB apart share L1 sets and evict
-        # each other (measured: 3x slower attention at capacity 1024).
-        stride = -(-capacity // 16) * 16 + 16
+        # Rows of vt are an odd number of cache lines long: D rows a multiple of 4 KiB apart would
+        # share L1 sets and evict each other.
+        stride = -(-capacity // 16) * 16
+        stride += 16 * (stride // 16 % 2 == 0)
         self.vt = np.zeros((L, n_seq, H, D, stride), F32)
 
 
@@ -204,6 +211,8 @@ class Session:
         tokens = np.asarray(tokens, dtype=np.int64)
         seqs = np.asarray(seqs, dtype=np.int64)
         n = len(seqs)
+        if len(np.unique(seqs)) != n:
+            raise InvalidArgumentError("decode() takes at most one new token per sequence and step")
         for s in seqs:
             self._check_room(int(s), 1)
         self._buffers(n, n)
@@ -232,11 +241,8 @@ class Session:
         if np.any(self.ids[:n] < 0) or np.any(self.ids[:n] >= c.n_vocab):
             bad = int(self.ids[:n][(self.ids[:n] < 0) | (self.ids[:n] >= c.n_vocab)][0])
             raise InvalidArgumentError(f"token id {bad} is outside the model's vocabulary (0..{c.n_vocab - 1})")
-        # Numba's thread count is per calling thread. During a BLAS prefill, BLAS's own threads own
-        # the cores and the Numba kernels in between run on this thread alone: OpenMP workers that
-        # spin-wait after a parallel kernel would otherwise take a core from the next BLAS call
-        # (measured: prefill of 256 tokens at 280 tok/s instead of 650 on 2 cores).
-        numba.set_num_threads(1 if blas else b.threads)
+        # Numba's thread count is set per calling thread.
+        numba.set_num_threads(min(b.threads, NUMBA_THREADS_DURING_BLAS or b.threads) if blas else b.threads)
         prompt_on_blas = blas
         ids, seq, pos = self.ids[:n], self.seq[:n], self.pos[:n]
         x, h, qkv, att, ff = self.x[:n], self.h[:n], self.qkv[:n], self.att[:n], self.ff[:n]
