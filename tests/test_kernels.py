@@ -181,3 +181,32 @@ def test_attention_with_peaked_scores_is_stable():
     values = [np.concatenate([qkv[:, 2 * H * D :], np.zeros((3, H * D), F32)])]
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, attention_numpy(qkv, seq, pos, keys, values, H, D), rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_stay_in_float32(tmp_path):
+    """No kernel converts a float32 to float64 (a Python float literal would): checked on the LLVM IR
+    of a fresh compile (Numba cannot show the IR of cached code)."""
+    import subprocess
+    import textwrap
+
+    from .conftest import PYTHON, subprocess_env
+
+    script = textwrap.dedent(
+        """
+        import re
+        from picogpt_fast import kernels as K
+        from picogpt_fast.warmup import compile_all
+        compile_all()
+        for name in K.__all__:
+            f = getattr(K, name)
+            for sig in getattr(f, "signatures", []):
+                # the compiled functions, not the wrappers that box results into Python floats
+                bodies = [b for b in f.inspect_llvm(sig).split("\\ndefine ") if not b.split("(")[0].count("cpython")]
+                print(name, sum(len(re.findall(r"fpext float .* to double", b)) for b in bodies))
+        """
+    )
+    r = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_CACHE_DIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = dict(line.split() for line in r.stdout.splitlines())
+    assert {"linear", "logits", "attention", "layer_norm", "bias_epilogue", "causal_softmax", "embed", "store_kv"} <= set(counts)
+    assert all(c == "0" for c in counts.values()), counts
