@@ -47,9 +47,17 @@ def _band(x, w, b, out, mode, scratch, j0, j1):
     while k + 8 <= K:  # eight weight rows per pass over the accumulators
         w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
         w4, w5, w6, w7 = w[k + 4, j0:j1], w[k + 5, j0:j1], w[k + 6, j0:j1], w[k + 7, j0:j1]
-        for m in range(M):
-            x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-            x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+        m = 0
+        while m + 2 <= M:  # two input rows per pass share the weight loads (batched decoding)
+            x0, x1, x2, x3, x4, x5, x6, x7 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+            y0, y1, y2, y3, y4, y5, y6, y7 = x[m + 1, k], x[m + 1, k + 1], x[m + 1, k + 2], x[m + 1, k + 3], x[m + 1, k + 4], x[m + 1, k + 5], x[m + 1, k + 6], x[m + 1, k + 7]
+            a, c = acc[m], acc[m + 1]
+            for j in range(n):
+                a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
+                c[j] += (y0 * w0[j] + y1 * w1[j] + y2 * w2[j] + y3 * w3[j]) + (y4 * w4[j] + y5 * w5[j] + y6 * w6[j] + y7 * w7[j])
+            m += 2
+        if m < M:  # the last row of an odd batch: the same sums alone
+            x0, x1, x2, x3, x4, x5, x6, x7 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
             a = acc[m]
             for j in range(n):
                 a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
