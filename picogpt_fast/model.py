@@ -112,41 +112,36 @@ class GPT2:
 
     # ------------------------------------------------------------------ generation
     def complete(
-        self,
-        prompts: Sequence[Sequence[int] | str],
-        max_new_tokens: int = 40,
-        *,
-        stop: Sequence[str] | None = None,
-        stop_at_eos: bool = True,
-        logprobs: int = 0,
-        clip: bool = False,
-        on_token=None,
-        **sampling,
+        self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int = 40, *, on_token=None, **kwargs
     ) -> tuple[list[Completion], Timings]:
         """Generate for each prompt together; return per-prompt `Completion`s and the timings.
 
-        `on_token(index, ids, text)` is called as tokens are released (for streaming).
-        Sampling keywords: temperature, top_k, top_p, min_p, repetition_penalty, seed.
+        Keywords: temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (list of strings),
+        stop_at_eos (default True), logprobs (top-K alternatives per token), clip (shrink
+        max_new_tokens to fit the context). `on_token(index, ids, text)` is called as tokens are
+        released (for streaming).
         """
-        params = SamplingParams(**sampling)
-        prompt_ids = [self._ids(p) for p in prompts]
         completions: list[Completion] = []
         timings = Timings()
-        events = generation.run(
-            self._backend, self.tokenizer, prompt_ids, max_new_tokens, params,
-            stop=list(stop or []), stop_at_eos=stop_at_eos, eos_id=self.eos_id,
-            logprobs=logprobs, clip=clip, timings=timings, completions=completions,
-        )  # fmt: skip
-        for event in events:
+        for event in self._events(prompts, max_new_tokens, completions=completions, timings=timings, **kwargs):
             if on_token is not None:
                 on_token(*event)
         return completions, timings
 
+    def _events(self, prompts, max_new_tokens, *, stop=None, stop_at_eos=True, logprobs=0, clip=False,
+                completions=None, timings=None, **sampling):  # fmt: skip
+        """generation.run over validated prompts: yields (index, released ids, released text)."""
+        params = SamplingParams(**sampling)
+        return generation.run(
+            self._backend, self.tokenizer, [self._ids(p) for p in prompts], max_new_tokens, params,
+            stop=list(stop or []), stop_at_eos=stop_at_eos, eos_id=self.eos_id, logprobs=logprobs,
+            clip=clip, timings=timings, completions=completions,
+        )  # fmt: skip
+
     def generate(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> list[int]:
         """Greedy by default; returns only the new ids (without a final <|endoftext|>).
 
-        Keywords: temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (list of strings),
-        stop_at_eos (default True), clip (shrink max_new_tokens to fit the context).
+        Keywords as for `complete`.
         """
         return self.complete([ids], max_new_tokens, **kwargs)[0][0].ids
 
@@ -160,23 +155,16 @@ class GPT2:
 
     def stream(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> Iterator[int]:
         """Yield new token ids as they are generated (same ids as `generate`)."""
-        for _, new_ids, _ in self._events(ids, max_new_tokens, **kwargs):
+        for _, new_ids, _ in self._events([ids], max_new_tokens, **kwargs):
             yield from new_ids
 
     def stream_text(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> Iterator[str]:
         """Yield text pieces as they are generated; a character split over tokens appears once complete."""
         if self.tokenizer is None:
             raise InvalidArgumentError("stream_text() needs a tokenizer")
-        for _, _, text in self._events(ids, max_new_tokens, **kwargs):
+        for _, _, text in self._events([ids], max_new_tokens, **kwargs):
             if text:
                 yield text
-
-    def _events(self, ids, max_new_tokens, *, stop=None, stop_at_eos=True, clip=False, **sampling):
-        params = SamplingParams(**sampling)
-        return generation.run(
-            self._backend, self.tokenizer, [self._ids(ids)], max_new_tokens, params,
-            stop=list(stop or []), stop_at_eos=stop_at_eos, eos_id=self.eos_id, clip=clip,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ scoring
     def score(self, ids: Sequence[int] | str, stride: int | None = None) -> np.ndarray:
