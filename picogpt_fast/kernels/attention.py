@@ -64,8 +64,8 @@ def attention(qkv, seq, pos, k_cache, vt_cache, scale, out, scores):
             s0, s1, s2, s3 = dot4(keys[t], keys[t + 1], keys[t + 2], keys[t + 3], q)
             att[t], att[t + 1], att[t + 2], att[t + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
             t += 4
-        for t in range(t, n):
-            att[t] = dot(keys[t], q) * scale
+        for rest in range(t, n):
+            att[rest] = dot(keys[rest], q) * scale
         best = att.max()
         total = F32(0.0)
         for t in range(n):
@@ -80,8 +80,8 @@ def attention(qkv, seq, pos, k_cache, vt_cache, scale, out, scores):
             s0, s1, s2, s3 = dot4(v0, v1, v2, v3, att)
             o[d], o[d + 1], o[d + 2], o[d + 3] = s0 * inv, s1 * inv, s2 * inv, s3 * inv
             d += 4
-        for d in range(d, D):
-            o[d] = dot(values_t[d, :n], att) * inv
+        for rest in range(d, D):
+            o[rest] = dot(values_t[rest, :n], att) * inv
 
 
 @kernel

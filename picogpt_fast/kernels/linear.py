@@ -62,10 +62,10 @@ def _band(x, w, b, out, mode, scratch, j0, j1):
             for j in range(n):
                 a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
         k += 8
-    for k in range(k, K):
-        wk = w[k, j0:j1]
+    for rest in range(k, K):
+        wk = w[rest, j0:j1]
         for m in range(M):
-            xk = x[m, k]
+            xk = x[m, rest]
             a = acc[m]
             for j in range(n):
                 a[j] += xk * wk[j]
