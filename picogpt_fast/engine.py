@@ -36,6 +36,9 @@ BLAS_MIN_ROWS = 16
 # bench/test_model.py::test_prompt_numba_threads; None gives them every thread.
 NUMBA_THREADS_DURING_BLAS: int | None = 1
 
+# A prompt's attention on BLAS goes by blocks of this many rows (see Session._attention_blas).
+PROMPT_BLOCK = 256
+
 
 def max_threads() -> int:
     """Numba's thread pool size (NUMBA_NUM_THREADS, fixed at start-up; defaults to the core count)."""
@@ -277,21 +280,25 @@ class Session:
         return logits
 
     def _attention_blas(self, k_cache, vt_cache, qkv, att) -> None:
-        """Attention for a prompt of one sequence as two BLAS products per head:
-        scores = Q @ K.T over every key, a causal softmax, then out = P @ V.
+        """Attention for a prompt of one sequence as BLAS products per head and block of rows:
+        scores = Q @ K.T over the keys the block's last row sees, a causal softmax, out = P @ V.
 
-        Twice the arithmetic of skipping masked keys, but at BLAS speed, and on BLAS's threads.
+        Blocks of PROMPT_BLOCK rows skip most masked keys (about half the work of one product over
+        all keys for long prompts), and all of it runs at BLAS speed on BLAS's threads.
         """
         c = self.config
         n, seq, start = qkv.shape[0], int(self.seq[0]), int(self.pos[0])
-        total, D = start + n, c.head_dim
-        if self.prompt_scores.size < n * total:
-            self.prompt_scores = np.zeros(n * total, F32)
-        p = self.prompt_scores[: n * total].reshape(n, total)
-        for h in range(c.n_head):
-            np.matmul(qkv[:, h * D : (h + 1) * D], k_cache[seq, h, :total].T, out=p)
-            K.causal_softmax(p, start, self.backend.scale)
-            np.matmul(p, vt_cache[seq, h, :, :total].T, out=att[:, h * D : (h + 1) * D])
+        D = c.head_dim
+        if self.prompt_scores.size < min(n, PROMPT_BLOCK) * (start + n):
+            self.prompt_scores = np.zeros(min(n, PROMPT_BLOCK) * (start + n), F32)
+        for r0 in range(0, n, PROMPT_BLOCK):
+            r1 = min(n, r0 + PROMPT_BLOCK)
+            keys = start + r1  # the block's last row sees keys 0..keys-1
+            p = self.prompt_scores[: (r1 - r0) * keys].reshape(r1 - r0, keys)
+            for h in range(c.n_head):
+                np.matmul(qkv[r0:r1, h * D : (h + 1) * D], k_cache[seq, h, :keys].T, out=p)
+                K.causal_softmax(p, start + r0, self.backend.scale)
+                np.matmul(p, vt_cache[seq, h, :, :keys].T, out=att[r0:r1, h * D : (h + 1) * D])
 
     def _linear(self, x, weight, bias, out, mode, blas: bool) -> None:
         """out = epilogue(x @ weight + bias): BLAS for many rows, else the Numba kernel."""

@@ -42,6 +42,17 @@ def test_logits_match_reference(models, shape):
     assert worst < LOGIT_TOL
 
 
+@pytest.mark.parametrize("block", [16, 37])
+def test_prompt_attention_in_blocks(models, monkeypatch, block):
+    """A prompt longer than engine.PROMPT_BLOCK: attention by blocks of rows, then decoding on."""
+    monkeypatch.setattr(engine, "PROMPT_BLOCK", block)
+    eng, ref = models("small")
+    ids = prompts(1, 128, seed=7)[0][:3] * 30  # 90 tokens: several blocks and a partial one
+    np.testing.assert_allclose(eng.forward(ids), ref.forward(ids), atol=LOGIT_TOL, rtol=0)
+    new, cached = decode_logits(eng, ids, 8)
+    np.testing.assert_allclose(cached, ref.forward(ids + new)[len(ids) - 1 : -1], atol=LOGIT_TOL, rtol=0)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_greedy_ids_match_reference(models, shape):
     eng, ref = models(shape)
