@@ -32,7 +32,8 @@ Examples:
 _model_option = click.option(
     "-m", "--model", "--model_size", "model", default="gpt2", show_default=True,
     help="Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, org/fine-tune), picoGPT size "
-    "(124M, 355M, 774M, 1558M) or a local folder with config.json, model.safetensors, vocab.json, merges.txt.",
+    "(124M, 355M, 774M, 1558M) or a local folder: config.json, model.safetensors, vocab.json, merges.txt "
+    "(or picoGPT's hparams.json, model.ckpt.*, encoder.json, vocab.bpe).",
 )  # fmt: skip
 _models_dir_option = click.option(
     "--models_dir", "--models-dir", "models_dir", type=click.Path(file_okay=False), default=None,
@@ -215,13 +216,12 @@ def _timing_line(t) -> str:
 
 def _resolve(model, models_dir, revision):
     from .config import GPT2Config
-    from .hub import resolve_model
+    from .hub import ModelFiles, resolve_model
     from .tokenizer import Tokenizer
 
     folder = resolve_model(_model_name(model, models_dir), revision=revision)
-    config = GPT2Config.from_file(folder / "config.json")
-    tokenizer = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-    return folder, config, tokenizer
+    files = ModelFiles.of(folder)
+    return folder, GPT2Config.from_file(files.config), Tokenizer.from_files(files.vocab, files.merges)
 
 
 def _load(folder, config, tokenizer, backend, threads, quiet):
@@ -246,11 +246,9 @@ def _load(folder, config, tokenizer, backend, threads, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ids.")
 def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
     """Print the token ids of TEXT (or, with --decode, the text of ids)."""
-    from .hub import resolve_model
     from .tokenizer import Tokenizer
 
-    folder = resolve_model(_model_name(model, models_dir), revision=revision, tokenizer_only=True)
-    tok = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    tok = Tokenizer.from_pretrained(_model_name(model, models_dir), revision=revision)
     if decode:
         try:
             ids = [int(t) for t in text.replace(",", " ").split()]

@@ -1,6 +1,8 @@
 """Resolve a model name or path to a local folder holding config, weights and tokenizer files.
 
-A local folder is used as is. Anything else is a Hugging Face Hub repo id, fetched with
+A local folder is used as is: Hugging Face's layout (config.json, model.safetensors, vocab.json,
+merges.txt) or OpenAI's, which picoGPT downloads (hparams.json, model.ckpt.*, encoder.json,
+vocab.bpe; the same two tokenizer files under other names). Anything else is a Hugging Face Hub repo id, fetched with
 `huggingface_hub.snapshot_download` restricted to the files we read (the gpt2 repo also holds
 several GB of TensorFlow, Flax, ONNX and pickle files). `HF_HUB_OFFLINE`, `HF_HOME`, `HF_HUB_CACHE`
 and `HF_ENDPOINT` are honoured by huggingface_hub itself; it is imported only when a Hub id is used,
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from dataclasses import dataclass
 
 from .errors import CheckpointError, ModelNotFoundError
 
@@ -28,6 +32,27 @@ SHARD_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # What snapshot_download fetches: the four files, or a sharded checkpoint's index and shards.
 ALLOW_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX_FILE, "model-*-of-*.safetensors", *TOKENIZER_FILES]
+# OpenAI's layout: config, weights (the checkpoint index), vocabulary, merges.
+OPENAI_FILES = ("hparams.json", "model.ckpt.index", "encoder.json", "vocab.bpe")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model folder keeps its config and tokenizer files (weights: see weights.read_entries)."""
+
+    config: Path
+    vocab: Path
+    merges: Path
+
+    @classmethod
+    def of(cls, folder: Path) -> "ModelFiles":
+        if _openai_layout(folder):
+            return cls(folder / "hparams.json", folder / "encoder.json", folder / "vocab.bpe")
+        return cls(folder / CONFIG_FILE, folder / TOKENIZER_FILES[0], folder / TOKENIZER_FILES[1])
+
+
+def _openai_layout(folder: Path) -> bool:
+    return not (folder / CONFIG_FILE).exists() and any((folder / f).exists() for f in OPENAI_FILES)
 
 
 def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None, tokenizer_only: bool = False) -> Path:
@@ -56,14 +81,18 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None, 
 
 def check_model_folder(folder: Path, name: str, tokenizer_only: bool = False) -> None:
     """One error naming every file the folder lacks (and refusing pickle-only checkpoints)."""
-    has_weights = (folder / WEIGHTS_FILE).is_file() or (folder / SHARD_INDEX_FILE).is_file()
-    if not tokenizer_only and not has_weights and any(folder.glob("pytorch_model*.bin")):
-        raise CheckpointError(
-            f"model {name} has only pytorch_model.bin; picogpt-fast requires model.safetensors and never "
-            "unpickles .bin files (convert it with safetensors, or use a repo that ships model.safetensors)"
-        )
-    needed = TOKENIZER_FILES if tokenizer_only else (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
-    missing = [f for f in needed if not (has_weights if f == WEIGHTS_FILE else (folder / f).is_file())]
+    if _openai_layout(folder):
+        needed = OPENAI_FILES[2:] if tokenizer_only else OPENAI_FILES
+        missing = [f for f in needed if not (folder / f).is_file()]
+    else:
+        has_weights = (folder / WEIGHTS_FILE).is_file() or (folder / SHARD_INDEX_FILE).is_file()
+        if not tokenizer_only and not has_weights and any(folder.glob("pytorch_model*.bin")):
+            raise CheckpointError(
+                f"model {name} has only pytorch_model.bin; picogpt-fast requires model.safetensors and never "
+                "unpickles .bin files (convert it with safetensors, or use a repo that ships model.safetensors)"
+            )
+        needed = TOKENIZER_FILES if tokenizer_only else (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
+        missing = [f for f in needed if not (has_weights if f == WEIGHTS_FILE else (folder / f).is_file())]
     if missing:
         where = f"model folder {folder}" if name == str(folder) else f"model {name}: folder {folder}"
         raise ModelNotFoundError(f"{where} lacks {', '.join(missing)}; add them or re-download the model")

@@ -61,14 +61,16 @@ class GPT2:
         revision: str | None = None,
         threads: int | None = None,
     ) -> "GPT2":
-        """Load a local folder or a Hub id (gpt2, gpt2-medium, ..., distilgpt2, 124M..1558M, any fine-tune)."""
-        from .hub import resolve_model
+        """Load a local folder (Hugging Face's or picoGPT's layout) or a Hub id (gpt2, gpt2-medium, ...,
+        distilgpt2, 124M..1558M, any fine-tune)."""
+        from .hub import ModelFiles, resolve_model
 
         if backend not in BACKENDS:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         folder = resolve_model(name_or_path, revision=revision)
-        config = GPT2Config.from_file(folder / "config.json")
-        tokenizer = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+        files = ModelFiles.of(folder)
+        config = GPT2Config.from_file(files.config)
+        tokenizer = Tokenizer.from_files(files.vocab, files.merges)
         weights = load_weights(folder, config)
         return cls(config, weights, tokenizer, backend=backend, threads=threads)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import GPT2Config
-from .errors import InvalidArgumentError, ModelNotFoundError
-from .hub import ALIASES, resolve_model
+from .errors import InvalidArgumentError
+from .hub import ALIASES, ModelFiles, resolve_model
 from .model import GPT2
 from .reference import params_from_weights
 from .tokenizer import Tokenizer
@@ -96,21 +96,17 @@ def generate(inputs, params, n_head, n_tokens_to_generate):
 def load_encoder_hparams_and_params(model_size, models_dir):
     """picoGPT's loader: (encoder, hparams, params) for "124M", "355M", "774M" or "1558M".
 
-    Uses models_dir/model_size when it holds a safetensors checkpoint (config.json,
-    model.safetensors, vocab.json, merges.txt), otherwise the same OpenAI weights from the Hub.
+    Uses models_dir/model_size when it exists: the TensorFlow checkpoint picoGPT downloaded there,
+    or a safetensors checkpoint in Hugging Face's layout; otherwise the same OpenAI weights from the
+    Hub (nothing is written to models_dir).
     """
     if model_size not in ALIASES:
         raise InvalidArgumentError(f"model_size {model_size!r} must be one of {', '.join(ALIASES)}")
     local = Path(os.fspath(models_dir)) / model_size
-    if local.is_dir() and any(local.glob("model.ckpt*")) and not (local / "model.safetensors").exists():
-        raise ModelNotFoundError(
-            f"{local} holds OpenAI's TensorFlow checkpoint (model.ckpt.*), which picogpt-fast does not read; "
-            f"remove it (or pass another models_dir) to load the same weights as safetensors from the Hub "
-            f"({ALIASES[model_size]})"
-        )
     folder = resolve_model(local if local.is_dir() else model_size)
-    config = GPT2Config.from_file(folder / "config.json")
-    encoder = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    files = ModelFiles.of(folder)
+    config = GPT2Config.from_file(files.config)
+    encoder = Tokenizer.from_files(files.vocab, files.merges)
     weights = load_weights(folder, config)
     params = params_from_weights(weights)
     _models[id(params["wte"])] = (

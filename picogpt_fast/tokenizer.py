@@ -69,7 +69,7 @@ class Tokenizer:
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> "Tokenizer":
         """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe)."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        vocab = read_json(vocab_path, CheckpointError, "; the tokenizer needs vocab.json")
+        vocab = read_json(vocab_path, CheckpointError, "; the tokenizer needs it")
         if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) and v >= 0 for v in vocab.values()):
             raise CheckpointError(f"{vocab_path} is not a JSON object of token -> id; re-download the model")
         try:
@@ -91,10 +91,10 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
         """Load from a local folder or a Hub id (see `picogpt_fast.hub.resolve_model`)."""
-        from .hub import resolve_model
+        from .hub import ModelFiles, resolve_model
 
-        folder = resolve_model(name_or_path, revision=revision, tokenizer_only=True)
-        return cls.from_files(folder / "vocab.json", folder / "merges.txt")
+        files = ModelFiles.of(resolve_model(name_or_path, revision=revision, tokenizer_only=True))
+        return cls.from_files(files.vocab, files.merges)
 
     # ----------------------------------------------------------------- encoding
     @property

@@ -1,4 +1,5 @@
-"""GPT-2 weights: memory-mapped from safetensors in Hugging Face layout, used where they lie.
+"""GPT-2 weights: memory-mapped from safetensors in Hugging Face layout (or from OpenAI's TensorFlow
+checkpoint, see tf_checkpoint.py), used where they lie.
 
 Every float32 tensor of a checkpoint is a read-only NumPy view into the memory-mapped file: loading
 copies nothing and allocates no fresh memory for the weights, so it takes milliseconds, and the
@@ -219,18 +220,28 @@ def _tensor(entry: TensorEntry, buf: mmap.mmap) -> np.ndarray:
     return out
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
+def read_entries(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint folder, by name: model.safetensors, a sharded safetensors
+    checkpoint, or OpenAI's TensorFlow checkpoint (model.ckpt.*, what picoGPT downloads)."""
+    files = [folder / "model.safetensors"]
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if not files[0].is_file() and index.is_file():
         try:
-            weight_map = read_json(index, CheckpointError)["weight_map"]
-            return sorted({folder / name for name in weight_map.values()})
+            files = sorted({folder / name for name in read_json(index, CheckpointError)["weight_map"].values()})
         except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index} is not a valid safetensors index; re-download the model") from None
-    raise CheckpointError(f"{folder} has no model.safetensors; picogpt-fast needs safetensors weights")
+    elif not files[0].is_file():
+        from . import tf_checkpoint
+
+        if (folder / tf_checkpoint.INDEX_FILE).is_file():
+            return tf_checkpoint.read_entries(folder)
+        raise CheckpointError(f"{folder} has no model.safetensors; picogpt-fast needs safetensors weights")
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in the safetensors index but missing; re-download the model")
+        entries.update(read_header(path))
+    return entries
 
 
 def _map(path: Path) -> mmap.mmap:
@@ -239,13 +250,9 @@ def _map(path: Path) -> mmap.mmap:
 
 
 def load_weights(folder: str | os.PathLike, config: GPT2Config) -> GPT2Weights:
-    """Map and check every tensor of a Hugging Face GPT-2 safetensors checkpoint."""
+    """Map and check every tensor of a GPT-2 checkpoint (Hugging Face names, see read_entries)."""
     folder = Path(folder)
-    entries: dict[str, TensorEntry] = {}
-    for path in _weight_files(folder):
-        if not path.is_file():
-            raise CheckpointError(f"{path} is listed in the safetensors index but missing; re-download the model")
-        entries.update(read_header(path))
+    entries = read_entries(folder)
     # GPT2LMHeadModel saves "transformer.h.0..." (and lm_head.weight); GPT2Model saves "h.0...".
     entries = {k.removeprefix("transformer."): v for k, v in entries.items()}
     expected = hf_tensor_shapes(config)
@@ -258,7 +265,7 @@ def load_weights(folder: str | os.PathLike, config: GPT2Config) -> GPT2Weights:
     if missing or unexpected or misshaped:
         parts = [f"{label}: {_summarise(names)}" for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
         raise CheckpointError(
-            f"{folder} does not match its config.json ({config.n_layer} layers, n_embd={config.n_embd}, "
+            f"{folder} does not match its config ({config.n_layer} layers, n_embd={config.n_embd}, "
             f"n_vocab={config.n_vocab}, n_ctx={config.n_ctx}): {'; '.join(parts)}"
         )
     maps = {path: _map(path) for path in {e.path for e in entries.values()}}
