@@ -124,3 +124,29 @@ def test_prompt_path_crossover(benchmark, record, engine124, monkeypatch, path, 
     monkeypatch.setattr(engine, "BLAS_MIN_ROWS", 10**9 if path == "numba" else 1)
     record(f"prompt path crossover, {n} tokens")
     bench_prefill(benchmark, engine124, n, rounds=7)
+
+
+def test_peer_transformers_logits(benchmark, record, config124):
+    """transformers' GPT2LMHeadModel on the same weights (std 0.1, logits of GPT-2's magnitude):
+    the largest logit difference from the engine and from the NumPy reference."""
+    pytest.importorskip("torch", reason="peer not installed: pip install '.[peers]'")
+    pytest.importorskip("transformers", reason="peer not installed: pip install '.[peers]'")
+    import numba
+
+    from picogpt_fast import GPT2
+    from picogpt_fast.benchmark import TransformersBackend
+    from picogpt_fast.weights import random_weights
+
+    weights = random_weights(config124, seed=1, std=0.1)
+    peer = TransformersBackend(config124, weights, numba.get_num_threads())
+    engine, reference = GPT2(config124, weights), GPT2(config124, weights, backend="numpy")
+    ids = prompt(100)
+    record("peer: logits against transformers")
+    theirs = benchmark.pedantic(lambda: peer.model(peer.torch.tensor([ids])).logits[0].detach().numpy(), rounds=1)
+    ours, ref = engine.forward(ids), reference.forward(ids)
+    benchmark.extra_info.update(
+        max_abs_engine_vs_transformers=float(np.abs(ours - theirs).max()),
+        max_abs_reference_vs_transformers=float(np.abs(ref - theirs).max()),
+        max_abs_logit=float(np.abs(theirs).max()),
+    )
+    assert np.abs(ours - theirs).max() < 5e-4
