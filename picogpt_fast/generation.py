@@ -34,7 +34,6 @@ class Timings:
     prefill_s: float = 0.0
     prefill_tokens: int = 0
     decode_s: float = 0.0
-    decode_steps: int = 0
     decode_tokens: int = 0
 
     @property
@@ -205,7 +204,6 @@ def run(
         t0 = time.perf_counter()
         logits = session.decode([history[i][-1] for i in active], active)
         timings.decode_s += time.perf_counter() - t0
-        timings.decode_steps += 1
         timings.decode_tokens += len(active)
         still = []
         for row, i in enumerate(active):
