@@ -25,7 +25,7 @@ from .config import GPT2Config
 from .errors import InvalidArgumentError
 from .hub import ALIASES, ModelFiles, resolve_model
 from .model import GPT2
-from .reference import params_from_weights
+from .reference import BLOCK_PATHS, block_leaf, params_from_weights
 from .tokenizer import Tokenizer
 from .weights import GPT2Weights, LayerWeights, load_weights
 
@@ -36,12 +36,7 @@ _models: dict[int, tuple[list[np.ndarray], GPT2]] = {}
 
 
 def _leaves(wte, wpe, blocks, ln_f) -> list[np.ndarray]:
-    out = [wte, wpe, ln_f["g"], ln_f["b"]]
-    for b in blocks:
-        out += [b["ln_1"]["g"], b["ln_1"]["b"], b["ln_2"]["g"], b["ln_2"]["b"]]
-        for layer in (b["attn"]["c_attn"], b["attn"]["c_proj"], b["mlp"]["c_fc"], b["mlp"]["c_proj"]):
-            out += [layer["w"], layer["b"]]
-    return out
+    return [wte, wpe, ln_f["g"], ln_f["b"], *(block_leaf(b, field) for b in blocks for field in BLOCK_PATHS)]
 
 
 def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
@@ -65,17 +60,7 @@ def _weights_from_params(wte, wpe, blocks, ln_f) -> GPT2Weights:
     def f32(a):  # the same array when it already is float32 and C-contiguous
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    layers = [
-        LayerWeights(
-            ln_1_g=f32(b["ln_1"]["g"]), ln_1_b=f32(b["ln_1"]["b"]),
-            attn_w=f32(b["attn"]["c_attn"]["w"]), attn_b=f32(b["attn"]["c_attn"]["b"]),
-            attn_proj_w=f32(b["attn"]["c_proj"]["w"]), attn_proj_b=f32(b["attn"]["c_proj"]["b"]),
-            ln_2_g=f32(b["ln_2"]["g"]), ln_2_b=f32(b["ln_2"]["b"]),
-            fc_w=f32(b["mlp"]["c_fc"]["w"]), fc_b=f32(b["mlp"]["c_fc"]["b"]),
-            mlp_proj_w=f32(b["mlp"]["c_proj"]["w"]), mlp_proj_b=f32(b["mlp"]["c_proj"]["b"]),
-        )  # fmt: skip
-        for b in blocks
-    ]
+    layers = [LayerWeights(**{field: f32(block_leaf(b, field)) for field in BLOCK_PATHS}) for b in blocks]
     wte = f32(wte)
     return GPT2Weights(wte=wte, wpe=f32(wpe), layers=layers, ln_f_g=f32(ln_f["g"]), ln_f_b=f32(ln_f["b"]), lm_head=wte)
 

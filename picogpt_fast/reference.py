@@ -67,17 +67,35 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, eps: float = 1e-5, lm_head=None
     return x @ (wte if lm_head is None else lm_head).T
 
 
+# Where each LayerWeights field sits in one of picoGPT's block dicts.
+BLOCK_PATHS = {
+    "ln_1_g": ("ln_1", "g"), "ln_1_b": ("ln_1", "b"),
+    "attn_w": ("attn", "c_attn", "w"), "attn_b": ("attn", "c_attn", "b"),
+    "attn_proj_w": ("attn", "c_proj", "w"), "attn_proj_b": ("attn", "c_proj", "b"),
+    "ln_2_g": ("ln_2", "g"), "ln_2_b": ("ln_2", "b"),
+    "fc_w": ("mlp", "c_fc", "w"), "fc_b": ("mlp", "c_fc", "b"),
+    "mlp_proj_w": ("mlp", "c_proj", "w"), "mlp_proj_b": ("mlp", "c_proj", "b"),
+}  # fmt: skip
+
+
+def block_leaf(block: dict, field: str):
+    """The array of a picoGPT block dict that holds LayerWeights `field`."""
+    for key in BLOCK_PATHS[field]:
+        block = block[key]
+    return block
+
+
 def params_from_weights(w: GPT2Weights) -> dict:
     """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
-    blocks = [
-        {
-            "ln_1": {"g": lw.ln_1_g, "b": lw.ln_1_b},
-            "attn": {"c_attn": {"w": lw.attn_w, "b": lw.attn_b}, "c_proj": {"w": lw.attn_proj_w, "b": lw.attn_proj_b}},
-            "ln_2": {"g": lw.ln_2_g, "b": lw.ln_2_b},
-            "mlp": {"c_fc": {"w": lw.fc_w, "b": lw.fc_b}, "c_proj": {"w": lw.mlp_proj_w, "b": lw.mlp_proj_b}},
-        }
-        for lw in w.layers
-    ]
+    blocks = []
+    for lw in w.layers:
+        block: dict = {}
+        for field, path in BLOCK_PATHS.items():
+            node = block
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = getattr(lw, field)
+        blocks.append(block)
     return {"wte": w.wte, "wpe": w.wpe, "blocks": blocks, "ln_f": {"g": w.ln_f_g, "b": w.ln_f_b}}
 
 
