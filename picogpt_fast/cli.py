@@ -215,13 +215,10 @@ def _timing_line(t) -> str:
 
 
 def _resolve(model, models_dir, revision):
-    from .config import GPT2Config
     from .hub import ModelFiles, resolve_model
-    from .tokenizer import Tokenizer
 
     folder = resolve_model(_model_name(model, models_dir), revision=revision)
-    files = ModelFiles.of(folder)
-    return folder, GPT2Config.from_file(files.config), Tokenizer.from_files(files.vocab, files.merges)
+    return folder, *ModelFiles.of(folder).read()
 
 
 def _load(folder, config, tokenizer, backend, threads, quiet):

@@ -2,8 +2,8 @@
 
 A local folder is used as is: Hugging Face's layout (config.json, model.safetensors, vocab.json,
 merges.txt) or OpenAI's, which picoGPT downloads (hparams.json, model.ckpt.*, encoder.json,
-vocab.bpe; the same two tokenizer files under other names). Anything else is a Hugging Face Hub repo id, fetched with
-`huggingface_hub.snapshot_download` restricted to the files we read (the gpt2 repo also holds
+vocab.bpe; the same two tokenizer files under other names). Anything else is a Hugging Face Hub
+repo id, fetched with `huggingface_hub.snapshot_download` restricted to the files we read (the gpt2 repo also holds
 several GB of TensorFlow, Flax, ONNX and pickle files). `HF_HUB_OFFLINE`, `HF_HOME`, `HF_HUB_CACHE`
 and `HF_ENDPOINT` are honoured by huggingface_hub itself; it is imported only when a Hub id is used,
 so a local folder never pays its import time.
@@ -12,9 +12,8 @@ so a local folder never pays its import time.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import CheckpointError, ModelNotFoundError
 
@@ -46,9 +45,15 @@ class ModelFiles:
 
     @classmethod
     def of(cls, folder: Path) -> "ModelFiles":
-        if _openai_layout(folder):
-            return cls(folder / "hparams.json", folder / "encoder.json", folder / "vocab.bpe")
-        return cls(folder / CONFIG_FILE, folder / TOKENIZER_FILES[0], folder / TOKENIZER_FILES[1])
+        config, _, vocab, merges = OPENAI_FILES if _openai_layout(folder) else (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
+        return cls(folder / config, folder / vocab, folder / merges)
+
+    def read(self):
+        """(GPT2Config, Tokenizer) of the folder: what a request can be checked against before the weights load."""
+        from .config import GPT2Config
+        from .tokenizer import Tokenizer
+
+        return GPT2Config.from_file(self.config), Tokenizer.from_files(self.vocab, self.merges)
 
 
 def _openai_layout(folder: Path) -> bool:

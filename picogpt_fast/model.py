@@ -68,9 +68,7 @@ class GPT2:
         if backend not in BACKENDS:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         folder = resolve_model(name_or_path, revision=revision)
-        files = ModelFiles.of(folder)
-        config = GPT2Config.from_file(files.config)
-        tokenizer = Tokenizer.from_files(files.vocab, files.merges)
+        config, tokenizer = ModelFiles.of(folder).read()
         weights = load_weights(folder, config)
         return cls(config, weights, tokenizer, backend=backend, threads=threads)
 

@@ -26,7 +26,6 @@ from .errors import InvalidArgumentError
 from .hub import ALIASES, ModelFiles, resolve_model
 from .model import GPT2
 from .reference import BLOCK_PATHS, block_leaf, params_from_weights
-from .tokenizer import Tokenizer
 from .weights import GPT2Weights, LayerWeights, load_weights
 
 __all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
@@ -89,9 +88,7 @@ def load_encoder_hparams_and_params(model_size, models_dir):
         raise InvalidArgumentError(f"model_size {model_size!r} must be one of {', '.join(ALIASES)}")
     local = Path(os.fspath(models_dir)) / model_size
     folder = resolve_model(local if local.is_dir() else model_size)
-    files = ModelFiles.of(folder)
-    config = GPT2Config.from_file(files.config)
-    encoder = Tokenizer.from_files(files.vocab, files.merges)
+    config, encoder = ModelFiles.of(folder).read()
     weights = load_weights(folder, config)
     params = params_from_weights(weights)
     _models[id(params["wte"])] = (
