@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from picogpt_fast import GPT2, GPT2Config
-from picogpt_fast.benchmark import blas_info
-from picogpt_fast.engine import threading_layer
+from picogpt_fast.benchmark import machine_info
 from picogpt_fast.weights import random_weights
 
 
@@ -49,16 +48,11 @@ def reference124(config124, weights124) -> GPT2:
 
 @pytest.fixture(scope="session")
 def machine() -> dict:
-    blas = blas_info()
-    return {
-        "numba": numba.__version__,
-        "threading_layer": threading_layer(),
-        "threads": numba.get_num_threads(),
-        "blas": f"{blas.get('internal_api')} {blas.get('version')} ({blas.get('architecture')}, {blas.get('num_threads')} threads)",
-        "OPENBLAS_CORETYPE": blas.get("OPENBLAS_CORETYPE"),
-        "OPENBLAS_L2_SIZE": blas.get("OPENBLAS_L2_SIZE"),
-        "numpy": np.__version__,
-    }
+    info = machine_info(numba.get_num_threads())
+    blas = info.pop("blas")
+    info["blas"] = f"{blas.get('internal_api')} {blas.get('version')} ({blas.get('architecture')}, {blas.get('num_threads')} threads)"
+    info.update(OPENBLAS_CORETYPE=blas.get("OPENBLAS_CORETYPE"), OPENBLAS_L2_SIZE=blas.get("OPENBLAS_L2_SIZE"))
+    return info
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ on the engine and on picoGPT's reference, batched decode, and transformers when 
 import numpy as np
 import pytest
 
-from picogpt_fast.benchmark import decode_bytes_per_token
+from picogpt_fast.benchmark import decode_bytes_per_token, decode_steps, time_prefill
 
 from .conftest import throughput
 
@@ -16,15 +16,10 @@ def prompt(n):
 
 
 def bench_prefill(benchmark, model, n: int, rounds: int) -> None:
-    """Time a prompt of n random tokens (logits of the last one) on a fresh session."""
+    """Time a prompt of n random tokens (logits of the last one) on an emptied session."""
     ids = prompt(n)
-    session = model._backend.session(1, n)
-
-    def run():
-        session.reset()
-        session.prefill(ids)
-
-    benchmark.pedantic(run, warmup_rounds=1, rounds=rounds)
+    session = model.session(1, n)
+    benchmark.pedantic(lambda: time_prefill(session, ids), warmup_rounds=1, rounds=rounds)
     throughput(benchmark, n, "tok/s")
 
 
@@ -37,7 +32,7 @@ def test_prefill(benchmark, record, engine124, n):
 @pytest.mark.parametrize("context", [64, 512])
 def test_decode(benchmark, record, engine124, context):
     """32 decode steps starting at `context` tokens already in the cache."""
-    session = engine124._backend.session(1, context + 33)
+    session = engine124.session(1, context + 33)
 
     def setup():
         session.reset()
@@ -45,9 +40,7 @@ def test_decode(benchmark, record, engine124, context):
         return (), {}
 
     def run():
-        token = 0
-        for _ in range(32):
-            token = int(np.argmax(session.decode([token], [0])[0]))
+        decode_steps(session, 0, 32)
 
     record(f"decode 32 tokens at context {context}")
     benchmark.pedantic(run, setup=setup, warmup_rounds=1, rounds=5)
@@ -134,11 +127,11 @@ def test_peer_transformers_logits(benchmark, record, config124):
     import numba
 
     from picogpt_fast import GPT2
-    from picogpt_fast.benchmark import TransformersBackend
+    from picogpt_fast.benchmark import TransformersModel
     from picogpt_fast.weights import random_weights
 
     weights = random_weights(config124, seed=1, std=0.1)
-    peer = TransformersBackend(config124, weights, numba.get_num_threads())
+    peer = TransformersModel(config124, weights, numba.get_num_threads())
     engine, reference = GPT2(config124, weights), GPT2(config124, weights, backend="numpy")
     ids = prompt(100)
     record("peer: logits against transformers")

@@ -1,9 +1,11 @@
-"""`picogpt-fast bench`: a llama-bench-style report measured side by side in one run.
+"""Workloads and measurements shared by `picogpt-fast bench` (a llama-bench-style report) and the
+pytest-benchmark suite in bench/: one prefill, one decode, one bandwidth probe, one machine record.
 
 Workloads: ppN = prefill N prompt tokens (logits of the last one), tgN = decode N tokens one at a
-time after a one-token prompt, ttft = prompt to first token. Each is run `reps` times on the engine
-and on picoGPT's NumPy reference (and, with --peers, on transformers with the same weights); the
-table gives the median, the spread (half the min-max range) and the engine's speed-up.
+time after a one-token prompt, ttft = prompt to first token. Each runs on a session (the public
+session protocol), so the engine, picoGPT's NumPy reference and transformers (with --peers) are
+driven by the same code. The report gives the median, the spread (half the min-max range) and the
+engine's speed-up.
 
 Decoding reads every weight once per token, so its speed is bounded by memory bandwidth. The report
 measures the machine's read bandwidth itself (a streaming read with the same threads) and states
@@ -21,60 +23,75 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import numba
 import numpy as np
-from numba import prange
 
 from .config import GPT2Config
-from .kernels.jit import kernel
+from .session import Session
 
 F32 = np.float32
 
 
-@kernel
-def stream_read(a, out):
-    """Read every element of a [R, C] array (four rows per work item, as the linear kernel does)."""
-    for b in prange(a.shape[0] // 4):
-        r0, r1, r2, r3 = a[4 * b], a[4 * b + 1], a[4 * b + 2], a[4 * b + 3]
-        s0 = s1 = s2 = s3 = F32(0.0)
-        for i in range(r0.shape[0]):
-            s0 += r0[i]
-            s1 += r1[i]
-            s2 += r2[i]
-            s3 += r3[i]
-        out[b] = s0 + s1 + s2 + s3
-
-
-def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Best-of-reps read bandwidth in GB/s over a buffer larger than the last-level cache."""
-    a = np.ones((nbytes // (4 * 4096), 4096), F32)
-    out = np.empty(a.shape[0] // 4, F32)
-    numba.set_num_threads(threads)
-    stream_read(a, out)
-    best = min(_timed(lambda: stream_read(a, out)) for _ in range(reps))
-    return a.nbytes / best / 1e9
-
-
-def _timed(fn) -> float:
+# --------------------------------------------------------------------------- measurements
+def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def blas_info() -> dict:
-    """Which BLAS NumPy uses (threadpoolctl), with the OpenBLAS settings that change its kernels."""
-    from threadpoolctl import threadpool_info
+def time_prefill(session: Session, ids) -> float:
+    """Seconds to prefill `ids` into an emptied session (logits of the last token)."""
+    session.reset()
+    return timed(lambda: session.prefill(ids))
 
-    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    info = {k: libs[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if libs else {}
-    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS"):
-        info[var] = os.environ.get(var)
-    return info
+
+def decode_steps(session: Session, token: int, n: int) -> int:
+    """Decode n greedy tokens one at a time on sequence 0, starting from `token`; return the last."""
+    for _ in range(n):
+        token = int(np.argmax(session.decode([token], [0])[0]))
+    return token
+
+
+def time_decode(session: Session, prompt, n: int) -> float:
+    """Seconds to decode n greedy tokens one at a time after a prompt (the prompt is not timed)."""
+    session.reset()
+    token = int(np.argmax(session.prefill(prompt)))
+    return timed(lambda: decode_steps(session, token, n))
+
+
+def time_first_token(session: Session, ids) -> float:
+    """Seconds from a prompt to its first (greedy) token."""
+    session.reset()
+    return timed(lambda: int(np.argmax(session.prefill(ids))))
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Best-of-reps read bandwidth in GB/s over a buffer larger than the last-level cache."""
+    from . import threads as T
+    from .kernels import stream_read
+
+    a = np.ones((nbytes // (4 * 4096), 4096), F32)
+    out = np.empty(a.shape[0] // 4, F32)
+    with T.scope(threads):
+        stream_read(a, out)
+        best = min(timed(lambda: stream_read(a, out)) for _ in range(reps))
+    return a.nbytes / best / 1e9
+
+
+def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float:
+    """Bytes decoding reads per token: every weight but the embedding tables (one row each), the
+    output projection (the tied wte), and the KV cache at that context."""
+    w = weights
+    read = w.nbytes - w.wpe.nbytes - (0 if w.tied else w.wte.nbytes)
+    return read + 2 * config.n_layer * config.n_embd * 4 * context
 
 
 def machine_info(threads: int) -> dict:
+    """The software and hardware a measurement ran on (recorded beside every result)."""
+    import numba
+
     from . import __version__
     from .engine import threading_layer
+    from .threads import blas_info
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     return {
@@ -101,6 +118,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# --------------------------------------------------------------------------- the report
 @dataclass
 class Row:
     test: str
@@ -122,49 +140,22 @@ class Row:
         return (max(rates) - min(rates)) / 2
 
 
-# --------------------------------------------------------------------------- workloads
-def _prefill(backend, ids) -> float:
-    session = backend.default_session(1, len(ids))
-    session.reset()
-    return _timed(lambda: session.prefill(ids))
-
-
-def _decode(backend, first: int, n: int) -> float:
-    session = backend.default_session(1, n + 1)
-    session.reset()
-    token = int(np.argmax(session.prefill([first])))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        token = int(np.argmax(session.decode([token], [0])[0]))
-    return time.perf_counter() - t0
-
-
-def _ttft(backend, ids) -> float:
-    session = backend.default_session(1, len(ids) + 1)
-    session.reset()
-    return _timed(lambda: int(np.argmax(session.prefill(ids))))
-
-
-def bench_backend(backend, name: str, config: GPT2Config, prompt_lengths, gen: int, reps: int, rng) -> list[Row]:
+def bench_model(model, name: str, config: GPT2Config, prompt_lengths, gen: int, reps: int, rng) -> list[Row]:
+    """Every workload on `model` (anything with .session()): ppN for each length, tgN, ttft."""
     rows = []
     prompts = {n: rng.integers(0, config.n_vocab, n).tolist() for n in prompt_lengths}
-    _prefill(backend, prompts[prompt_lengths[0]][:8])  # warm up (compiles on a cold cache)
+    session = model.session(1, max(max(prompt_lengths), gen) + 1)
+    time_prefill(session, prompts[prompt_lengths[0]][:8])  # warm up (compiles on a cold cache)
     for n in prompt_lengths:
-        row = Row(f"pp{n}", name, n)
-        row.seconds = [_prefill(backend, prompts[n]) for _ in range(reps)]
-        rows.append(row)
-    row = Row(f"tg{gen}", name, gen)
-    row.seconds = [_decode(backend, int(rng.integers(config.n_vocab)), gen) for _ in range(reps)]
-    rows.append(row)
+        rows.append(Row(f"pp{n}", name, n, [time_prefill(session, prompts[n]) for _ in range(reps)]))
+    rows.append(Row(f"tg{gen}", name, gen, [time_decode(session, [int(rng.integers(config.n_vocab))], gen) for _ in range(reps)]))
     n = prompt_lengths[0]
-    row = Row(f"ttft (pp{n})", name, 1)
-    row.seconds = [_ttft(backend, prompts[n]) for _ in range(reps)]
-    rows.append(row)
+    rows.append(Row(f"ttft (pp{n})", name, 1, [time_first_token(session, prompts[n]) for _ in range(reps)]))
     return rows
 
 
-class TransformersBackend:
-    """transformers' GPT2LMHeadModel with the same weights, driven through the same workloads."""
+class TransformersModel:
+    """transformers' GPT2LMHeadModel with the same weights, behind the session protocol."""
 
     name = "transformers"
 
@@ -176,6 +167,7 @@ class TransformersBackend:
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.config = config
         hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")})
         self.model = transformers.GPT2LMHeadModel(hf_config).eval()
         state = {k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(weights, config, prefix="transformer.").items()}
@@ -183,28 +175,28 @@ class TransformersBackend:
         self.model.load_state_dict(state, strict=False)
         self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
 
-    def default_session(self, n_seq, capacity):
-        torch, model = self.torch, self.model
+    def session(self, n_seq: int = 1, capacity: int = 0) -> "TransformersSession":
+        return TransformersSession(self, n_seq, capacity)
 
-        class Session:
-            past = None
 
-            def reset(self):
-                self.past = None
+class TransformersSession(Session):
+    """One sequence at a time, its KV cache in transformers' past_key_values."""
 
-            def prefill(self, ids):
-                with torch.no_grad():
-                    out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-                self.past = out.past_key_values
-                return out.logits[0, -1].numpy()
+    def __init__(self, peer: TransformersModel, n_seq: int = 1, capacity: int = 0):
+        assert n_seq == 1, "the transformers peer runs one sequence"
+        self.peer, self.past = peer, None
+        super().__init__(peer.config, n_seq, capacity)
 
-            def decode(self, tokens, seqs):
-                with torch.no_grad():
-                    out = model(torch.tensor([tokens]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
-                self.past = out.past_key_values
-                return out.logits[0].numpy()
+    def _grow(self, capacity: int) -> None:
+        pass
 
-        return Session()
+    def _forward(self, ids, seq, pos, all_logits: bool) -> np.ndarray:
+        torch = self.peer.torch
+        with torch.no_grad():
+            out = self.peer.model(torch.tensor([ids.tolist()]), past_key_values=self.past if pos[0] else None, use_cache=True,
+                                  logits_to_keep=0 if all_logits else 1)  # fmt: skip
+        self.past = out.past_key_values
+        return out.logits[0].numpy()
 
 
 def _model_for(spec: dict):
@@ -212,10 +204,10 @@ def _model_for(spec: dict):
     from .weights import random_weights
 
     if spec.get("model") is not None:
-        from .model import GPT2
+        from . import loader
 
-        gpt = GPT2.from_pretrained(spec["model"], backend="numpy")
-        return gpt.config, gpt.weights, str(spec["model"])
+        resolved = loader.resolve(spec["model"])
+        return resolved.config, loader.load_weights(resolved), str(spec["model"])
     config = GPT2Config.from_shape(spec["shape"])
     return config, random_weights(config, seed=spec.get("seed", 0), std=0.02), f"random weights, GPT-2 {spec['shape']} shape"
 
@@ -241,30 +233,22 @@ def _child(spec: dict) -> None:
     warnings.simplefilter("ignore")
     config, weights, _ = _model_for(spec)
     if spec["backend"] == "transformers":
-        backend = TransformersBackend(config, weights, spec["threads"])
-        version = backend.version
+        model = TransformersModel(config, weights, spec["threads"])
+        version = model.version
     else:
-        from .engine import NumbaBackend
+        from .model import GPT2
 
-        backend, version = NumbaBackend(config, weights, spec["threads"]), "picogpt-fast"
-    rows = bench_backend(backend, spec["backend"], config, spec["prompt_lengths"], spec["gen"], spec["reps"], np.random.default_rng(0))
+        model, version = GPT2(config, weights, threads=spec["threads"]), "picogpt-fast"
+    rows = bench_model(model, spec["backend"], config, spec["prompt_lengths"], spec["gen"], spec["reps"], np.random.default_rng(0))
     print(json.dumps({"version": version, "rows": [asdict(r) for r in rows]}))
 
 
-def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float:
-    """Bytes decoding reads per token: every weight but the embedding tables (one row each), the
-    output projection (the tied wte), and the KV cache at that context."""
-    w = weights
-    read = w.nbytes - w.wpe.nbytes - (0 if w.tied else w.wte.nbytes)
-    return read + 2 * config.n_layer * config.n_embd * 4 * context
-
-
 def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, out=sys.stdout) -> dict:
-    from .engine import NumbaBackend, check_threads
+    from . import threads as T
     from .errors import InvalidArgumentError
-    from .reference import ReferenceBackend
+    from .model import GPT2
 
-    threads = check_threads(threads)
+    threads = T.check(threads)
     if not prompt_lengths or reps < 1 or gen < 1:
         raise InvalidArgumentError("bench needs at least one prompt length, --gen >= 1 and --reps >= 1")
     spec = {"model": model, "shape": shape, "seed": 0, "threads": threads, "prompt_lengths": prompt_lengths, "gen": gen, "reps": reps}
@@ -273,12 +257,12 @@ def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fm
         raise InvalidArgumentError(f"prompt lengths and --gen must fit the context of {config.n_ctx} tokens")
     rng = np.random.default_rng(0)
     result = {"model": label, "config": asdict(config), "machine": machine_info(threads)}
-    rows = bench_backend(NumbaBackend(config, weights, threads), "numba", config, prompt_lengths, gen, reps, rng)
+    rows = bench_model(GPT2(config, weights, threads=threads), "numba", config, prompt_lengths, gen, reps, rng)
     result["peak_rss_bytes"] = peak_rss_bytes()  # the engine's: weights, KV cache, buffers
     result["bandwidth_gb_s"] = measure_bandwidth(threads)
     if reference:
         ref_gen = min(gen, 16)  # the reference recomputes the whole sequence per token
-        rows += bench_backend(ReferenceBackend(config, weights), "numpy", config, prompt_lengths, ref_gen, reps, rng)
+        rows += bench_model(GPT2(config, weights, backend="numpy"), "numpy", config, prompt_lengths, ref_gen, reps, rng)
     if peers:
         try:
             import torch  # noqa: F401
@@ -316,7 +300,7 @@ def _rows_json(rows: list[Row], config, weights, gen: int, bandwidth: float) -> 
 
 def _print(result: dict, fmt: str, out) -> None:
     if fmt == "json":
-        out.write(json.dumps(result, indent=2) + "\n")
+        out.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
     if fmt == "csv":
         keys = ["test", "backend", "tokens", "median_ms", "tok_s", "spread_tok_s", "gb_s", "bandwidth_fraction", "numba_speedup", "reps"]

@@ -15,16 +15,17 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .config import GPT2Config
-from .weights import GLOBAL_TENSORS, LAYER_TENSORS, GPT2Weights
+from . import tensors
+from .weights import GPT2Weights
 
 
 def hf_state_dict(weights: GPT2Weights, config: GPT2Config, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
     """Tensors under Hugging Face GPT-2 names (the same layout as GPT2Weights)."""
-    out = {prefix + hf: getattr(weights, name) for hf, name in GLOBAL_TENSORS.items()}
+    out = {prefix + t.hf: getattr(weights, t.field) for t in tensors.GLOBAL}
     for i, layer in enumerate(weights.layers):
-        out.update({f"{prefix}h.{i}.{hf}": getattr(layer, name) for hf, name in LAYER_TENSORS.items()})
+        out.update({f"{prefix}h.{i}.{t.hf}": getattr(layer, t.field) for t in tensors.LAYER})
     if not weights.tied:
-        out["lm_head.weight"] = weights.lm_head
+        out[tensors.LM_HEAD.hf] = weights.lm_head
     return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
 
 

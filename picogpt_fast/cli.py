@@ -104,8 +104,8 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, e
     """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>)."""
     from .sampling import SamplingParams
 
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    SamplingParams(**sampling)  # refuse bad values before loading anything
+    # built (and so checked) before anything is loaded
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     batch = prompt_file is not None or jsonl_file is not None
     if batch and prompt is not None:
         raise InvalidArgumentError("give either PROMPT or --file/--jsonl, not both")
@@ -117,18 +117,20 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, e
         raise InvalidArgumentError("--logprobs needs --json (or --jsonl)")
     prompts = _read_prompts(prompt_file, jsonl_file) if batch else [prompt or ""]
 
-    folder, config, tokenizer = _resolve(model, models_dir, revision)
-    from .generation import plan_length, start_ids
+    resolved = _resolve(model, models_dir, revision)
+    from . import validate
+    from .generation import start_ids
 
+    tokenizer = resolved.tokenizer
     prompt_ids = [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompts]
     for ids in prompt_ids:  # the context check comes before loading the weights
-        plan_length(len(ids), max_new_tokens, config.n_ctx, clip)
-    gpt = _load(folder, config, tokenizer, backend, threads, quiet)
+        validate.context(len(ids), max_new_tokens, resolved.config.n_ctx, clip)
+    gpt = _load(resolved, backend, threads, quiet)
 
     if stream:
         return _run_stream(gpt, prompt_ids[0], prompts[0], echo, max_new_tokens, sampling, stop, ignore_eos, clip, quiet)
     completions, timings = gpt.complete(
-        prompt_ids, max_new_tokens, stop=stop, stop_at_eos=not ignore_eos, logprobs=logprobs, clip=clip, **sampling
+        prompt_ids, max_new_tokens, stop=list(stop), stop_at_eos=not ignore_eos, logprobs=logprobs, clip=clip, sampling=sampling
     )
     _info(quiet, _timing_line(timings))
     for i, c in enumerate(completions):
@@ -194,7 +196,7 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
         out.flush()
     t0 = time.perf_counter()
     try:
-        for piece in gpt.stream_text(ids, max_new_tokens, stop=stop, stop_at_eos=not ignore_eos, clip=clip, **sampling):
+        for piece in gpt.stream_text(ids, max_new_tokens, stop=list(stop), stop_at_eos=not ignore_eos, clip=clip, sampling=sampling):
             out.write(piece)
             out.flush()
     except KeyboardInterrupt:
@@ -215,20 +217,18 @@ def _timing_line(t) -> str:
 
 
 def _resolve(model, models_dir, revision):
-    from .hub import ModelFiles, resolve_model
+    from . import loader
 
-    folder = resolve_model(_model_name(model, models_dir), revision=revision)
-    return folder, *ModelFiles.of(folder).read()
+    return loader.resolve(_model_name(model, models_dir), revision=revision)
 
 
-def _load(folder, config, tokenizer, backend, threads, quiet):
+def _load(resolved, backend, threads, quiet):
+    from . import loader
     from .model import GPT2
-    from .weights import load_weights
 
     t0 = time.perf_counter()
-    weights = load_weights(folder, config)
-    gpt = GPT2(config, weights, tokenizer, backend=backend, threads=threads)
-    _info(quiet, f"loaded {folder} ({config.n_params / 1e6:.0f}M parameters, backend {backend}) in {time.perf_counter() - t0:.2f} s")
+    gpt = GPT2(resolved.config, loader.load_weights(resolved), resolved.tokenizer, backend=backend, threads=threads)
+    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, backend {backend}) in {time.perf_counter() - t0:.2f} s")
     return gpt
 
 
@@ -277,11 +277,11 @@ def score(file, model, models_dir, revision, backend, threads, stride, as_json, 
     text = _read_text(Path(file))
     if not text:
         raise InvalidArgumentError(f"{file} is empty; there is nothing to score")
-    folder, config, tokenizer = _resolve(model, models_dir, revision)
-    ids = tokenizer.encode(text)
+    resolved = _resolve(model, models_dir, revision)
+    ids = resolved.tokenizer.encode(text)
     if len(ids) < 2:
         raise InvalidArgumentError(f"{file} holds {len(ids)} token; scoring needs at least 2")
-    gpt = _load(folder, config, tokenizer, backend, threads, quiet)
+    gpt = _load(resolved, backend, threads, quiet)
     t0 = time.perf_counter()
     logprobs = gpt.score(ids, stride=stride)
     scored = logprobs[~np.isnan(logprobs)]

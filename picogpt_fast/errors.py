@@ -35,7 +35,7 @@ class ConcurrencyError(PicoGPTError, RuntimeError):
 
 
 def read_json(path, error: type[PicoGPTError], missing: str = ""):
-    """Parse a JSON file; a missing or malformed file becomes one clear `error`."""
+    """Parse a JSON file; a missing, unreadable or malformed file becomes one clear `error`."""
     import json
 
     try:
@@ -43,5 +43,7 @@ def read_json(path, error: type[PicoGPTError], missing: str = ""):
             return json.load(f)
     except FileNotFoundError:
         raise error(f"{path} does not exist{missing}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e}); re-download the model") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path} is not valid JSON ({str(e)[:120]}); re-download the model") from None

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ContextLengthError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .sampling import Sampler, SamplingParams
+from .session import Session
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -57,24 +58,6 @@ def start_ids(ids: list[int], eos_id: int | None) -> list[int]:
     if eos_id is None:
         raise InvalidArgumentError("the prompt is empty and the vocabulary has no <|endoftext|> to start from")
     return [eos_id]
-
-
-def plan_length(prompt_len: int, max_new_tokens: int, n_ctx: int, clip: bool) -> int:
-    """Check a request against the context before any work; with clip, shrink max_new_tokens to fit."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if prompt_len + max_new_tokens <= n_ctx:
-        return int(max_new_tokens)
-    if clip and prompt_len < n_ctx:
-        return n_ctx - prompt_len
-    if prompt_len >= n_ctx:
-        raise ContextLengthError(
-            f"the prompt has {prompt_len} tokens but the model's context is {n_ctx}; shorten the prompt"
-        )
-    raise ContextLengthError(
-        f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {prompt_len + max_new_tokens} exceeds the "
-        f"model's context of {n_ctx}; use at most {n_ctx - prompt_len} new tokens (or --clip)"
-    )
 
 
 class _Output:
@@ -136,39 +119,33 @@ class _Output:
 
 
 def run(
-    backend,
+    session: Session,
     tokenizer: Tokenizer | None,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    budgets: list[int],
     params: SamplingParams,
     *,
     stop: list[str] | None = None,
     stop_at_eos: bool = True,
     eos_id: int | None = None,
     logprobs: int = 0,
-    clip: bool = False,
     timings: Timings | None = None,
     completions: list[Completion] | None = None,
 ):
-    """Generate for every prompt; yield (index, released token ids, released text) as tokens arrive.
+    """Generate up to budgets[i] tokens for each prompt on an empty session with a sequence per
+    prompt; yield (index, released token ids, released text) as tokens arrive.
 
-    Fills `completions` (one per prompt) and `timings` as it goes.
+    The caller has checked every argument (`validate`): the budgets fit the context, stop strings
+    come with a tokenizer. Fills `completions` (one per prompt) and `timings` as it goes.
     """
-    n_ctx = backend.config.n_ctx
     stop = [s for s in (stop or []) if s]
-    if stop and tokenizer is None:
-        raise InvalidArgumentError("stop strings need a tokenizer to decode text")
-    if isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer)) or logprobs < 0:
-        raise InvalidArgumentError(f"logprobs={logprobs!r} must be an integer >= 0")
-    budgets = [plan_length(len(p), max_new_tokens, n_ctx, clip) for p in prompts]
+    assert tokenizer is not None or not stop
     timings = timings if timings is not None else Timings()
     completions = completions if completions is not None else []
     completions[:] = [Completion(prompt_ids=list(p)) for p in prompts]
     outputs = [_Output(tokenizer, stop) for _ in prompts]
     samplers = [Sampler(params) for _ in prompts]
     history = [list(p) for p in prompts]
-    session = backend.default_session(len(prompts), max((len(p) + b for p, b in zip(prompts, budgets)), default=1))
-    session.reset()
 
     def accept(i: int, logits: np.ndarray) -> tuple[list[int], str, bool]:
         """Choose sequence i's next token; return (released ids, released text, whether it goes on)."""

@@ -48,13 +48,6 @@ class ModelFiles:
         config, _, vocab, merges = OPENAI_FILES if _openai_layout(folder) else (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
         return cls(folder / config, folder / vocab, folder / merges)
 
-    def read(self):
-        """(GPT2Config, Tokenizer) of the folder: what a request can be checked against before the weights load."""
-        from .config import GPT2Config
-        from .tokenizer import Tokenizer
-
-        return GPT2Config.from_file(self.config), Tokenizer.from_files(self.vocab, self.merges)
-
 
 def _openai_layout(folder: Path) -> bool:
     return not (folder / CONFIG_FILE).exists() and any((folder / f).exists() for f in OPENAI_FILES)

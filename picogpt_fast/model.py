@@ -4,36 +4,43 @@
     ids = model.tokenizer.encode("Alan Turing theorized that")
     new = model.generate(ids, 20)                        # greedy, returns only the new ids
     print(model.tokenizer.decode(new))
+
+Every method checks its arguments here, at the door (with `validate`); `model.session()` gives
+direct access to the engine through the same checked door.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import generation
+from . import generation, validate
 from .config import GPT2Config
 from .errors import InvalidArgumentError
 from .generation import Completion, Timings, log_softmax
 from .sampling import SamplingParams
+from .session import Session
 from .tokenizer import Tokenizer
-from .weights import GPT2Weights, load_weights
+from .weights import GPT2Weights
 
 BACKENDS = ("numba", "numpy")
+# Keywords of complete(), generate(), generate_batch(), stream() and stream_text().
+SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+GENERATION_KEYWORDS = (*SAMPLING_KEYWORDS, "sampling", "stop", "stop_at_eos", "logprobs", "clip")
 
 
 def _make_backend(name: str, config: GPT2Config, weights: GPT2Weights, threads: int | None):
+    name = validate.choice("backend", name, BACKENDS)
     if name == "numba":
         from .engine import NumbaBackend
 
         return NumbaBackend(config, weights, threads)
-    if name == "numpy":
-        from .reference import ReferenceBackend
+    from .reference import ReferenceBackend
 
-        return ReferenceBackend(config, weights, threads)
-    raise InvalidArgumentError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return ReferenceBackend(config, weights, threads)
 
 
 class GPT2:
@@ -48,9 +55,10 @@ class GPT2:
         threads: int | None = None,
     ):
         self.config = config
-        self.weights = weights
+        self.weights = weights.check(config)
         self.tokenizer = tokenizer
         self._backend = _make_backend(backend, config, weights, threads)
+        self._sessions = threading.local()  # one reusable session per calling thread
 
     @classmethod
     def from_pretrained(
@@ -63,14 +71,11 @@ class GPT2:
     ) -> "GPT2":
         """Load a local folder (Hugging Face's or picoGPT's layout) or a Hub id (gpt2, gpt2-medium, ...,
         distilgpt2, 124M..1558M, any fine-tune)."""
-        from .hub import ModelFiles, resolve_model
+        from . import loader
 
-        if backend not in BACKENDS:
-            raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        folder = resolve_model(name_or_path, revision=revision)
-        config, tokenizer = ModelFiles.of(folder).read()
-        weights = load_weights(folder, config)
-        return cls(config, weights, tokenizer, backend=backend, threads=threads)
+        validate.choice("backend", backend, BACKENDS)
+        files = loader.resolve(name_or_path, revision=revision)
+        return cls(files.config, loader.load_weights(files), files.tokenizer, backend=backend, threads=threads)
 
     @property
     def backend(self) -> str:
@@ -80,21 +85,28 @@ class GPT2:
     def threads(self) -> int | None:
         return self._backend.threads
 
+    # ------------------------------------------------------------------ sessions
+    def session(self, n_seq: int = 1, capacity: int = 0) -> Session:
+        """A new session for up to `n_seq` sequences decoded together (see `picogpt_fast.session`)."""
+        return self._backend.session(n_seq, capacity)
+
+    def _session(self, n_seq: int, capacity: int) -> Session:
+        """This thread's reusable session, emptied, with room for `n_seq` sequences of `capacity` tokens."""
+        s = getattr(self._sessions, "session", None)
+        if s is None or s.n_seq < n_seq:
+            s = self._sessions.session = self.session(n_seq, capacity)
+        s.reserve(capacity)
+        s.reset()
+        return s
+
     # ------------------------------------------------------------------ inputs
-    def _ids(self, ids: Sequence[int] | str, allow_empty: bool = False) -> list[int]:
-        """Validate a prompt: token ids (or text, encoded with the model's tokenizer)."""
+    def _ids(self, ids: Sequence[int] | str) -> list[int]:
+        """A prompt as token ids: text is encoded with the model's tokenizer; ids are checked."""
         if isinstance(ids, str):
             if self.tokenizer is None:
                 raise InvalidArgumentError("this model has no tokenizer; pass token ids")
-            ids = self.tokenizer.encode(ids)
-        arr = np.asarray(ids)
-        if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
-            raise InvalidArgumentError("ids must be a flat sequence of integer token ids")
-        out = arr.astype(np.int64).tolist()
-        bad = [i for i in out if not 0 <= i < self.config.n_vocab]
-        if bad:
-            raise InvalidArgumentError(f"token id {bad[0]} is outside the model's vocabulary (0..{self.config.n_vocab - 1})")
-        return out if allow_empty else generation.start_ids(out, self.eos_id)
+            return self.tokenizer.encode(ids)
+        return validate.token_ids(ids, self.config.n_vocab).tolist()
 
     @property
     def eos_id(self) -> int | None:
@@ -103,12 +115,12 @@ class GPT2:
     # ------------------------------------------------------------------ forward
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, float32 [len(ids), n_vocab] (picoGPT's `gpt2()`)."""
-        ids = self._ids(ids, allow_empty=True)
+        ids = self._ids(ids)
         if not ids:
             raise InvalidArgumentError("forward() needs at least one token id")
         if len(ids) > self.config.n_ctx:
             raise InvalidArgumentError(f"{len(ids)} tokens exceed the model's context of {self.config.n_ctx}")
-        return self._backend.forward(np.asarray(ids, dtype=np.int64))
+        return self._session(1, len(ids)).prefill(ids, all_logits=True).copy()
 
     # ------------------------------------------------------------------ generation
     def complete(
@@ -116,26 +128,38 @@ class GPT2:
     ) -> tuple[list[Completion], Timings]:
         """Generate for each prompt together; return per-prompt `Completion`s and the timings.
 
-        Keywords: temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (list of strings),
-        stop_at_eos (default True), logprobs (top-K alternatives per token), clip (shrink
+        Keywords: temperature, top_k, top_p, min_p, repetition_penalty, seed (or all of them at once as
+        sampling=SamplingParams(...)), stop (a string or a list of strings), stop_at_eos (default True), logprobs (top-K alternatives per token), clip (shrink
         max_new_tokens to fit the context). `on_token(index, ids, text)` is called as tokens are
         released (for streaming).
         """
         completions: list[Completion] = []
         timings = Timings()
-        for event in self._events(prompts, max_new_tokens, completions=completions, timings=timings, **kwargs):
+        for event in self._events(validate.prompts(prompts), max_new_tokens, kwargs, "complete", completions, timings):
             if on_token is not None:
                 on_token(*event)
         return completions, timings
 
-    def _events(self, prompts, max_new_tokens, *, stop=None, stop_at_eos=True, logprobs=0, clip=False,
-                completions=None, timings=None, **sampling):  # fmt: skip
-        """generation.run over validated prompts: yields (index, released ids, released text)."""
-        params = SamplingParams(**sampling)
+    def _events(self, prompts, max_new_tokens, kwargs, where, completions=None, timings=None):
+        """generation.run over checked prompts and options: yields (index, released ids, released text)."""
+        validate.keywords(where, kwargs, GENERATION_KEYWORDS)
+        stop = validate.strings("stop", kwargs.pop("stop", None))
+        if any(stop) and self.tokenizer is None:
+            raise InvalidArgumentError("stop strings need a tokenizer to decode text")
+        stop_at_eos = bool(kwargs.pop("stop_at_eos", True))
+        logprobs = validate.integer("logprobs", kwargs.pop("logprobs", 0), 0)
+        clip = bool(kwargs.pop("clip", False))
+        params = kwargs.pop("sampling", None)
+        if params is None:
+            params = SamplingParams(**kwargs)
+        elif not isinstance(params, SamplingParams) or kwargs:
+            raise InvalidArgumentError("sampling= takes a SamplingParams, instead of (not beside) the separate sampling keywords")
+        ids = [generation.start_ids(self._ids(p), self.eos_id) for p in prompts]
+        budgets = [validate.context(len(p), max_new_tokens, self.config.n_ctx, clip) for p in ids]
+        session = self._session(len(ids), max((len(p) + b for p, b in zip(ids, budgets)), default=1))
         return generation.run(
-            self._backend, self.tokenizer, [self._ids(p) for p in prompts], max_new_tokens, params,
-            stop=list(stop or []), stop_at_eos=stop_at_eos, eos_id=self.eos_id, logprobs=logprobs,
-            clip=clip, timings=timings, completions=completions,
+            session, self.tokenizer, ids, budgets, params, stop=stop, stop_at_eos=stop_at_eos, eos_id=self.eos_id,
+            logprobs=logprobs, timings=timings, completions=completions,
         )  # fmt: skip
 
     def generate(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> list[int]:
@@ -143,7 +167,10 @@ class GPT2:
 
         Keywords as for `complete`.
         """
-        return self.complete([ids], max_new_tokens, **kwargs)[0][0].ids
+        completions: list[Completion] = []
+        for _ in self._events([ids], max_new_tokens, kwargs, "generate", completions):
+            pass
+        return completions[0].ids
 
     def generate_batch(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int = 40, **kwargs) -> list[list[int]]:
         """Several prompts decoded together (one weight read per step for all of them).
@@ -151,18 +178,21 @@ class GPT2:
         Each result equals `generate(prompt, ...)` alone: the engine's logits do not depend on the
         batch, and each prompt gets its own random generator seeded with `seed`.
         """
-        return [c.ids for c in self.complete(prompts, max_new_tokens, **kwargs)[0]]
+        completions: list[Completion] = []
+        for _ in self._events(validate.prompts(prompts), max_new_tokens, kwargs, "generate_batch", completions):
+            pass
+        return [c.ids for c in completions]
 
     def stream(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> Iterator[int]:
         """Yield new token ids as they are generated (same ids as `generate`)."""
-        for _, new_ids, _ in self._events([ids], max_new_tokens, **kwargs):
+        for _, new_ids, _ in self._events([ids], max_new_tokens, kwargs, "stream"):
             yield from new_ids
 
     def stream_text(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> Iterator[str]:
         """Yield text pieces as they are generated; a character split over tokens appears once complete."""
         if self.tokenizer is None:
             raise InvalidArgumentError("stream_text() needs a tokenizer")
-        for _, _, text in self._events([ids], max_new_tokens, **kwargs):
+        for _, _, text in self._events([ids], max_new_tokens, kwargs, "stream_text"):
             if text:
                 yield text
 
@@ -175,19 +205,19 @@ class GPT2:
         tokens no earlier window scored, with the context the window gives them. With
         stride == n_ctx, the first token of each window has no context and is NaN (not scored).
         """
-        ids = self._ids(ids, allow_empty=True)
+        ids = self._ids(ids)
         n, n_ctx = len(ids), self.config.n_ctx
         if n < 2:
             raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
-        stride = max(n_ctx // 2, 1) if stride is None else stride
-        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= n_ctx:
-            raise InvalidArgumentError(f"stride={stride!r} must be between 1 and the context size {n_ctx}")
+        stride = max(n_ctx // 2, 1) if stride is None else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
         out = np.full(n - 1, np.nan)
         prev_end = 0
+        session = self._session(1, min(n, n_ctx))
         for begin in range(0, n, stride):
             end = min(begin + n_ctx, n)
             first = max(prev_end, begin + 1)  # first token this window scores
-            logits = self._backend.forward(np.asarray(ids[begin:end], dtype=np.int64))
+            session.reset()
+            logits = session.prefill(ids[begin:end], all_logits=True)
             targets = np.asarray(ids[first:end], dtype=np.int64)
             out[first - 1 : end - 1] = token_logprobs(logits[first - begin - 1 : end - begin - 1], targets)
             prev_end = end

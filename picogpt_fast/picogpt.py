@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import loader, tensors
 from .config import GPT2Config
 from .errors import InvalidArgumentError
-from .hub import ALIASES, ModelFiles, resolve_model
+from .hub import ALIASES
 from .model import GPT2
-from .reference import BLOCK_PATHS, block_leaf, params_from_weights
-from .weights import GPT2Weights, LayerWeights, load_weights
+from .reference import params_from_weights
+from .weights import GPT2Weights, LayerWeights
 
 __all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
 
@@ -34,8 +35,14 @@ __all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
 _models: dict[int, tuple[list[np.ndarray], GPT2]] = {}
 
 
+def _leaf(params: dict, path: tuple[str, ...]):
+    for key in path:
+        params = params[key]
+    return params
+
+
 def _leaves(wte, wpe, blocks, ln_f) -> list[np.ndarray]:
-    return [wte, wpe, ln_f["g"], ln_f["b"], *(block_leaf(b, field) for b in blocks for field in BLOCK_PATHS)]
+    return [wte, wpe, ln_f["g"], ln_f["b"], *(_leaf(b, t.picogpt) for b in blocks for t in tensors.LAYER)]
 
 
 def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
@@ -59,7 +66,7 @@ def _weights_from_params(wte, wpe, blocks, ln_f) -> GPT2Weights:
     def f32(a):  # the same array when it already is float32 and C-contiguous
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    layers = [LayerWeights(**{field: f32(block_leaf(b, field)) for field in BLOCK_PATHS}) for b in blocks]
+    layers = [LayerWeights(**{t.field: f32(_leaf(b, t.picogpt)) for t in tensors.LAYER}) for b in blocks]
     wte = f32(wte)
     return GPT2Weights(wte=wte, wpe=f32(wpe), layers=layers, ln_f_g=f32(ln_f["g"]), ln_f_b=f32(ln_f["b"]), lm_head=wte)
 
@@ -87,9 +94,9 @@ def load_encoder_hparams_and_params(model_size, models_dir):
     if model_size not in ALIASES:
         raise InvalidArgumentError(f"model_size {model_size!r} must be one of {', '.join(ALIASES)}")
     local = Path(os.fspath(models_dir)) / model_size
-    folder = resolve_model(local if local.is_dir() else model_size)
-    config, encoder = ModelFiles.of(folder).read()
-    weights = load_weights(folder, config)
+    model = loader.resolve(local if local.is_dir() else model_size)
+    config, encoder = model.config, model.tokenizer
+    weights = loader.load_weights(model)
     params = params_from_weights(weights)
     _models[id(params["wte"])] = (
         _leaves(params["wte"], params["wpe"], params["blocks"], params["ln_f"]),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import tensors
 from .config import GPT2Config
+from .session import Session
 from .weights import GPT2Weights
 
 F32 = np.float32
@@ -67,34 +69,16 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, eps: float = 1e-5, lm_head=None
     return x @ (wte if lm_head is None else lm_head).T
 
 
-# Where each LayerWeights field sits in one of picoGPT's block dicts.
-BLOCK_PATHS = {
-    "ln_1_g": ("ln_1", "g"), "ln_1_b": ("ln_1", "b"),
-    "attn_w": ("attn", "c_attn", "w"), "attn_b": ("attn", "c_attn", "b"),
-    "attn_proj_w": ("attn", "c_proj", "w"), "attn_proj_b": ("attn", "c_proj", "b"),
-    "ln_2_g": ("ln_2", "g"), "ln_2_b": ("ln_2", "b"),
-    "fc_w": ("mlp", "c_fc", "w"), "fc_b": ("mlp", "c_fc", "b"),
-    "mlp_proj_w": ("mlp", "c_proj", "w"), "mlp_proj_b": ("mlp", "c_proj", "b"),
-}  # fmt: skip
-
-
-def block_leaf(block: dict, field: str):
-    """The array of a picoGPT block dict that holds LayerWeights `field`."""
-    for key in BLOCK_PATHS[field]:
-        block = block[key]
-    return block
-
-
 def params_from_weights(w: GPT2Weights) -> dict:
     """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
     blocks = []
     for lw in w.layers:
         block: dict = {}
-        for field, path in BLOCK_PATHS.items():
+        for t in tensors.LAYER:
             node = block
-            for key in path[:-1]:
+            for key in t.picogpt[:-1]:
                 node = node.setdefault(key, {})
-            node[path[-1]] = getattr(lw, field)
+            node[t.picogpt[-1]] = getattr(lw, t.field)
         blocks.append(block)
     return {"wte": w.wte, "wpe": w.wpe, "blocks": blocks, "ln_f": {"g": w.ln_f_g, "b": w.ln_f_b}}
 
@@ -106,7 +90,7 @@ class ReferenceBackend:
 
     def __init__(self, config: GPT2Config, weights: GPT2Weights, threads: int | None = None):
         self.config = config
-        self.weights = weights.check(config)
+        self.weights = weights  # checked by GPT2
         self.params = params_from_weights(weights)
         self.threads = threads
 
@@ -118,30 +102,25 @@ class ReferenceBackend:
         )  # fmt: skip
 
     def session(self, n_seq: int = 1, capacity: int = 0) -> "ReferenceSession":
-        return ReferenceSession(self, n_seq)
-
-    default_session = session  # no buffers to reuse
+        return ReferenceSession(self, n_seq, capacity)
 
 
-class ReferenceSession:
-    """The session interface of the engine without a KV cache: each step reruns the whole sequence."""
+class ReferenceSession(Session):
+    """The session protocol without a KV cache: each step reruns picoGPT's gpt2() over the whole sequence."""
 
-    def __init__(self, backend: ReferenceBackend, n_seq: int):
+    def __init__(self, backend: ReferenceBackend, n_seq: int = 1, capacity: int = 0):
         self.backend = backend
-        self.tokens: list[list[int]] = [[] for _ in range(n_seq)]
+        self.tokens = np.zeros((n_seq, 0), np.int64)  # [n_seq, capacity] token history
+        super().__init__(backend.config, n_seq, capacity)
 
-    def reset(self) -> None:
-        for t in self.tokens:
-            t.clear()
+    def _grow(self, capacity: int) -> None:
+        grown = np.zeros((self.n_seq, capacity), np.int64)
+        grown[:, : self.tokens.shape[1]] = self.tokens
+        self.tokens = grown
 
-    def prefill(self, ids, seq: int = 0, all_logits: bool = False) -> np.ndarray:
-        self.tokens[seq] = [int(i) for i in ids]
-        logits = self.backend.forward(np.asarray(self.tokens[seq], dtype=np.int64))
-        return logits if all_logits else logits[-1]
-
-    def decode(self, tokens, seqs) -> np.ndarray:  # one new token per listed sequence -> [len(seqs), n_vocab]
-        rows = []
-        for token, s in zip(tokens, seqs):
-            self.tokens[s].append(int(token))
-            rows.append(self.backend.forward(np.asarray(self.tokens[s], dtype=np.int64))[-1])
-        return np.stack(rows)
+    def _forward(self, ids, seq, pos, all_logits: bool) -> np.ndarray:
+        self.tokens[seq, pos] = ids
+        if len(np.unique(seq)) == 1:  # a prompt: one pass over its sequence
+            logits = self.backend.forward(self.tokens[seq[0], : pos[-1] + 1])[pos[0] :]
+            return logits if all_logits else logits[-1:]
+        return np.stack([self.backend.forward(self.tokens[s, : p + 1])[-1] for s, p in zip(seq, pos)])

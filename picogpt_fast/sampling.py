@@ -9,12 +9,11 @@ the caller, never from global state, so a seed reproduces a run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from . import validate
 
 
 @dataclass(frozen=True)
@@ -27,27 +26,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        def bad(name, value, rule):
-            raise InvalidArgumentError(f"{name}={value!r} is invalid: {rule}")
-
-        def number(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-                bad(name, v, "must be a finite number")
-            return float(v)
-
-        if number("temperature") < 0:
-            bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            bad("top_k", self.top_k, "must be an integer >= 0 (0 means off)")
-        if not 0 < number("top_p") <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1] (1 means off)")
-        if not 0 <= number("min_p") <= 1:
-            bad("min_p", self.min_p, "must be in [0, 1] (0 means off)")
-        if number("repetition_penalty") <= 0:
-            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
-            bad("seed", self.seed, "must be a non-negative integer")
+        v = validate
+        if v.real("temperature", self.temperature) < 0:
+            raise v.invalid("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        v.integer("top_k", self.top_k, 0, rule="must be an integer >= 0 (0 means off)")
+        if not 0 < v.real("top_p", self.top_p) <= 1:
+            raise v.invalid("top_p", self.top_p, "must be in (0, 1] (1 means off)")
+        if not 0 <= v.real("min_p", self.min_p) <= 1:
+            raise v.invalid("min_p", self.min_p, "must be in [0, 1] (0 means off)")
+        if v.real("repetition_penalty", self.repetition_penalty) <= 0:
+            raise v.invalid("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
+        if self.seed is not None:
+            v.integer("seed", self.seed, 0, rule="must be a non-negative integer")
 
     @property
     def greedy(self) -> bool:

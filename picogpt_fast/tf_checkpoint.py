@@ -4,7 +4,7 @@ A checkpoint is `model.ckpt.index`, a LevelDB-format table that maps each variab
 `BundleEntryProto` (dtype, shape, shard, offset, size), and `model.ckpt.data-00000-of-00001`, the
 raw little-endian tensor bytes. This module parses the table and the two protobuf messages it needs
 (formats: leveldb's table_format.md, tensorflow/core/protobuf/tensor_bundle.proto) and returns the
-tensors under Hugging Face GPT-2 names, so `weights.load_weights` maps them like safetensors ones.
+tensors under Hugging Face GPT-2 names (the table in tensors.py), so `weights.load_weights` maps them like safetensors ones.
 
 Only what OpenAI's checkpoints use is accepted: uncompressed blocks, one shard, float32, no slices;
 anything else is refused by name. The tensor checksums (crc32c) are not verified.
@@ -12,11 +12,12 @@ anything else is refused by name. The tensor checksums (crc32c) are not verified
 
 from __future__ import annotations
 
-import re
 import struct
 from pathlib import Path
 
 from .errors import CheckpointError
+from .tensorfile import TensorEntry
+from .tensors import hf_name_of_tf
 
 INDEX_FILE = "model.ckpt.index"
 DATA_FILE = "model.ckpt.data-00000-of-00001"
@@ -79,29 +80,16 @@ def _block(data: bytes, handle: bytes) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def _hf_name(tf_name: str) -> str:
-    """model/h3/attn/c_attn/w -> h.3.attn.c_attn.weight; model/wte -> wte.weight."""
-    name = re.sub(r"^model/", "", tf_name)
-    name = re.sub(r"^h(\d+)/", r"h.\1/", name)
-    parts = name.split("/")
-    if parts[-1] in ("w", "g"):
-        parts[-1] = "weight"
-    elif parts[-1] == "b":
-        parts[-1] = "bias"
-    elif parts[-1] in ("wte", "wpe"):
-        parts.append("weight")
-    return ".".join(parts)
-
-
 def read_entries(folder: Path) -> dict:
     """Hugging Face name -> TensorEntry for every tensor of a TF checkpoint folder."""
-    from .weights import TensorEntry
-
     index_path, data_path = folder / INDEX_FILE, folder / DATA_FILE
     if not data_path.is_file():
         raise CheckpointError(f"{folder} has {INDEX_FILE} but not {DATA_FILE}; re-download the model")
-    data = index_path.read_bytes()
-    data_size = data_path.stat().st_size
+    try:
+        data = index_path.read_bytes()
+        data_size = data_path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read {e.filename or index_path}: {e.strerror or e}") from None
     try:
         if len(data) < 48 or struct.unpack_from("<Q", data, len(data) - 8)[0] != _MAGIC:
             raise ValueError("not a TensorFlow checkpoint index (bad magic number)")
@@ -140,7 +128,7 @@ def read_entries(folder: Path) -> dict:
                 count *= d
             if size != 4 * count or offset + size > data_size:
                 raise ValueError(f"tensor {name} has a byte range that does not match its shape or the data file")
-            tensors[_hf_name(name)] = TensorEntry(data_path, "F32", tuple(shape), offset, size)
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
+            tensors[hf_name_of_tf(name) or name] = TensorEntry(data_path, "F32", tuple(shape), offset, size)
+    except (ValueError, TypeError, IndexError, UnicodeDecodeError, struct.error) as e:
         raise CheckpointError(f"{index_path} is not a readable TensorFlow checkpoint ({e}); re-download the model") from None
     return tensors

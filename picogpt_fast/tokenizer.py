@@ -18,6 +18,7 @@ from typing import Collection, Iterable, Literal
 import regex
 
 from .errors import CheckpointError, InvalidArgumentError, read_json
+from .hub import ModelFiles, resolve_model
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -91,8 +92,6 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
         """Load from a local folder or a Hub id (see `picogpt_fast.hub.resolve_model`)."""
-        from .hub import ModelFiles, resolve_model
-
         files = ModelFiles.of(resolve_model(name_or_path, revision=revision, tokenizer_only=True))
         return cls.from_files(files.vocab, files.merges)
 

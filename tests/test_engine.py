@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import pytest
 
-from picogpt_fast import GPT2, engine
+from picogpt_fast import GPT2, engine, threads
 from picogpt_fast.errors import ConcurrencyError, InvalidArgumentError
 
 from .conftest import PYTHON, SHAPES, subprocess_env
@@ -75,7 +75,7 @@ def test_greedy_ids_match_reference(models, shape):
 
 def decode_logits(model, ids, steps):
     """(generated ids, logits of each generated position) through the KV cache."""
-    session = model._backend.session(1, len(ids) + steps)
+    session = model.session(1, len(ids) + steps)
     rows = [session.prefill(ids).copy()]
     new = [int(np.argmax(rows[-1]))]
     for _ in range(steps - 1):
@@ -96,21 +96,18 @@ def test_kv_cache_equals_full_recomputation(models, shape, prompt_len):
 
 
 def run_logits(model, ids, threads):
-    model._backend.threads = threads
-    try:
-        return model.forward(ids), decode_logits(model, ids, 8)[1]
-    finally:
-        model._backend.threads = engine.max_threads()
+    model = GPT2(model.config, model.weights, model.tokenizer, threads=threads)
+    return model.forward(ids), decode_logits(model, ids, 8)[1]
 
 
 @pytest.mark.parametrize("n", [5, engine.BLAS_MIN_ROWS + 7])
 def test_bitwise_reproducible_across_runs_and_threads(models, n):
     eng, _ = models("odd")
     ids = list(range(100, 100 + n))
-    first = run_logits(eng, ids, engine.max_threads())
-    for threads in sorted({1, engine.max_threads()}):
-        again = run_logits(eng, ids, threads)
-        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1]), f"threads={threads}"
+    first = run_logits(eng, ids, threads.max_threads())
+    for n_threads in sorted({1, threads.max_threads()}):
+        again = run_logits(eng, ids, n_threads)
+        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1]), f"threads={n_threads}"
 
 
 def test_two_sessions_in_two_threads(models):
@@ -161,7 +158,7 @@ def test_workqueue_concurrency_is_refused_not_crashed(model_dir):
         def work():
             for _ in range(30):
                 try:
-                    m._backend.session(1, 64).prefill(list(range(40)))
+                    m.session(1, 64).prefill(list(range(40)))
                     outcomes.append("ok")
                 except ConcurrencyError:
                     outcomes.append("refused")
@@ -196,9 +193,15 @@ def test_nan_weights_give_a_clear_error(models):
         GPT2(eng.config, broken).generate([1, 2], 3)
 
 
-def test_thread_setting_is_per_call_not_global(models):
+def test_thread_settings_are_scoped_to_each_call(models):
+    """A model with threads=1 runs on one thread and leaves the caller's Numba and BLAS settings alone."""
+    from threadpoolctl import threadpool_info
+
     eng, _ = models("small")
+    blas_before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    numba.set_num_threads(threads.max_threads())
     one = GPT2(eng.config, eng.weights, threads=1)
-    one.generate([1, 2, 3], 2)
     assert one.threads == 1
-    numba.set_num_threads(engine.max_threads())
+    one.generate(list(range(40)), 2)  # a prompt through BLAS, then decoding
+    assert numba.get_num_threads() == threads.max_threads()
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before

@@ -10,45 +10,35 @@ import pytest
 from picogpt_fast import GPT2
 from picogpt_fast.config import GPT2Config
 from picogpt_fast.errors import ContextLengthError, InvalidArgumentError
-from picogpt_fast.generation import plan_length, run
+from picogpt_fast.generation import run
+from picogpt_fast.session import Session
+from picogpt_fast.validate import context
 from picogpt_fast.sampling import SamplingParams
 from picogpt_fast.tokenizer import Tokenizer
 
 EOT = 50256
 
 
-class ScriptedBackend:
+class ScriptedSession(Session):
     """Emits `script[i]` as the argmax at the i-th generated position of every sequence."""
 
-    name = "scripted"
-
-    def __init__(self, script, n_ctx=1024):
+    def __init__(self, script, n_seq=1, n_ctx=1024):
         self.script = script
-        self.config = GPT2Config(n_ctx=n_ctx)
+        self.generated = [0] * n_seq
+        super().__init__(GPT2Config(n_ctx=n_ctx), n_seq, 64)
 
-    def default_session(self, n_seq, capacity):
-        backend = self
+    def _grow(self, capacity):
+        pass
 
-        class Session:
-            def __init__(self):
-                self.generated = [0] * n_seq
-
-            def reset(self):
-                pass
-
-            def _row(self, seq):
-                logits = np.zeros(backend.config.n_vocab, np.float32)
-                logits[backend.script[self.generated[seq]]] = 10
-                self.generated[seq] += 1
-                return logits
-
-            def prefill(self, ids, seq=0):
-                return self._row(seq)
-
-            def decode(self, tokens, seqs):
-                return np.stack([self._row(s) for s in seqs])
-
-        return Session()
+    def _forward(self, ids, seq, pos, all_logits):
+        assert not all_logits or len(ids) == 1
+        rows = []
+        for s in (seq if len(set(seq.tolist())) == len(seq) else seq[-1:]):
+            logits = np.zeros(self.config.n_vocab, np.float32)
+            logits[self.script[self.generated[s]]] = 10
+            self.generated[s] += 1
+            rows.append(logits)
+        return np.stack(rows)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def tok(tokenizer_dir):
 
 def generate(tok, script, n=50, **kw):
     completions = []
-    events = list(run(ScriptedBackend(script), tok, [[1]], n, SamplingParams(), eos_id=EOT, completions=completions, **kw))
+    events = list(run(ScriptedSession(script), tok, [[1]], [n], SamplingParams(), eos_id=EOT, completions=completions, **kw))
     streamed_text = "".join(text for _, _, text in events)
     streamed_ids = [i for _, ids, _ in events for i in ids]
     c = completions[0]
@@ -102,7 +92,7 @@ def test_stop_strings(tok, text, stop, want):
 
 def test_stream_holds_back_only_what_could_be_a_stop_string(tok):
     script = tok.encode("abc abd abe")
-    events = list(run(ScriptedBackend(script), tok, [[1]], len(script), SamplingParams(), stop=["abx"], eos_id=EOT))
+    events = list(run(ScriptedSession(script), tok, [[1]], [len(script)], SamplingParams(), stop=["abx"], eos_id=EOT))
     assert "".join(t for _, _, t in events) == "abc abd abe"
     assert len([e for e in events if e[2]]) > 1  # released progressively, not all at the end
 
@@ -113,15 +103,15 @@ def test_incomplete_utf8_at_the_end_is_replaced(tok):
     assert c.text == tok.decode(emoji[:-1]) and c.text.endswith("\ufffd")
 
 
-def test_plan_length():
-    assert plan_length(10, 20, 64, clip=False) == 20
-    assert plan_length(10, 100, 64, clip=True) == 54
+def test_context_plan():
+    assert context(10, 20, 64, clip=False) == 20
+    assert context(10, 100, 64, clip=True) == 54
     with pytest.raises(ContextLengthError, match="10 tokens \\+ 100 new tokens = 110 exceeds the model's context of 64; use at most 54"):
-        plan_length(10, 100, 64, clip=False)
+        context(10, 100, 64, clip=False)
     with pytest.raises(ContextLengthError, match="prompt has 64 tokens"):
-        plan_length(64, 1, 64, clip=True)
+        context(64, 1, 64, clip=True)
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
-        plan_length(1, -1, 64, clip=False)
+        context(1, -1, 64, clip=False)
 
 
 # --------------------------------------------------------------------------- on the engine
@@ -150,10 +140,10 @@ def test_batch_logits_are_bitwise_those_of_decoding_alone(models):
     prompts = [[5, 6, 7], [100], [9, 8, 7, 6, 5, 4]]
     alone = []
     for p in prompts:
-        s = eng._backend.session(1, 32)
+        s = eng.session(1, 32)
         s.prefill(p)
         alone.append(s.decode([42], [0])[0].copy())
-    s = eng._backend.session(3, 32)
+    s = eng.session(3, 32)
     for i, p in enumerate(prompts):
         s.prefill(p, seq=i)
     batch = s.decode([42, 42, 42], [0, 1, 2])

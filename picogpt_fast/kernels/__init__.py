@@ -6,5 +6,6 @@ from .attention import attention, causal_softmax, store_kv
 from .embedding import embed
 from .layernorm import layer_norm
 from .linear import linear, logits
+from .probe import stream_read
 
-__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "causal_softmax", "embed", "gelu", "layer_norm", "linear", "logits", "store_kv"]
+__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "causal_softmax", "embed", "gelu", "layer_norm", "linear", "logits", "store_kv", "stream_read"]

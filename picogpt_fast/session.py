@@ -1,0 +1,102 @@
+"""The session protocol: the one door into a backend.
+
+A session holds up to `n_seq` sequences at once (a KV cache and buffers in the engine; the token
+history in the NumPy reference). `prefill` appends tokens to one sequence, `decode` appends one
+token to each of several sequences in one pass over the weights, `reset` empties sequences.
+Generation, scoring, the CLI, the picoGPT drop-in, benchmarks, the server and batch jobs all work
+through this class; a backend implements the three `_` methods and nothing else.
+
+    s = model.session(n_seq=2, capacity=64)
+    a = s.prefill([464, 2068], seq=0)          # logits of the last token, [n_vocab]
+    b = s.prefill([15496], seq=1)
+    rows = s.decode([int(a.argmax()), int(b.argmax())], [0, 1])   # [2, n_vocab]
+
+Returned logits are views into the session's buffers, valid until its next call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from . import validate
+from .config import GPT2Config
+from .errors import ContextLengthError, InvalidArgumentError
+
+
+class Session(ABC):
+    """Run state for up to `n_seq` sequences of at most `capacity` tokens each (grown on demand)."""
+
+    def __init__(self, config: GPT2Config, n_seq: int = 1, capacity: int = 0):
+        self.config = config
+        self.n_seq = validate.integer("n_seq", n_seq, 1)
+        capacity = validate.integer("capacity", capacity, 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
+        self._lengths = np.zeros(self.n_seq, np.int64)
+        self.capacity = 0
+        self.reserve(max(capacity, 1))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens held by each sequence (a read-only view)."""
+        view = self._lengths.view()
+        view.flags.writeable = False
+        return view
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` tokens per sequence; what the sequences hold is kept."""
+        capacity = min(capacity, self.config.n_ctx)
+        if capacity > self.capacity:
+            self._grow(capacity)
+            self.capacity = capacity
+
+    def reset(self, seq: int | None = None) -> None:
+        """Forget the tokens of one sequence (or of all): its next prefill starts at position 0."""
+        if seq is None:
+            self._lengths[:] = 0
+        else:
+            self._lengths[validate.sequence_index(seq, self.n_seq)] = 0
+
+    def prefill(self, ids, seq: int = 0, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to sequence `seq`; return the logits of the last one, [n_vocab] (or of every
+        one, [len(ids), n_vocab], with all_logits)."""
+        ids = validate.token_ids(ids, self.config.n_vocab)
+        if not len(ids):
+            raise InvalidArgumentError("prefill() needs at least one token id")
+        seq = validate.sequence_index(seq, self.n_seq)
+        start = int(self._lengths[seq])
+        self._make_room(start + len(ids), f"sequence {seq}")
+        pos = np.arange(start, start + len(ids), dtype=np.int64)
+        logits = self._forward(ids, np.full(len(ids), seq, np.int64), pos, all_logits)
+        self._lengths[seq] += len(ids)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, tokens, seqs) -> np.ndarray:
+        """Append one token to each listed sequence, all in one pass; return their logits [len(seqs), n_vocab]."""
+        seqs = validate.sequence_indices(seqs, self.n_seq)
+        tokens = validate.token_ids(tokens, self.config.n_vocab, name="tokens")
+        if len(tokens) != len(seqs) or not len(seqs):
+            raise InvalidArgumentError(f"decode() takes one token per listed sequence (got {len(tokens)} tokens for {len(seqs)} sequences)")
+        if len(np.unique(seqs)) != len(seqs):
+            raise InvalidArgumentError("decode() takes at most one new token per sequence and step")
+        pos = self._lengths[seqs]
+        self._make_room(int(pos.max()) + 1, f"sequence {int(seqs[pos.argmax()])}")
+        logits = self._forward(tokens, seqs, pos.copy(), True)
+        self._lengths[seqs] += 1
+        return logits
+
+    def _make_room(self, end: int, what: str) -> None:
+        if end > self.config.n_ctx:
+            raise ContextLengthError(f"{what} would hold {end} tokens; the model's context is {self.config.n_ctx}")
+        if end > self.capacity:
+            self.reserve(max(end, 2 * self.capacity))
+
+    # ------------------------------------------------------------------ what a backend implements
+    @abstractmethod
+    def _forward(self, ids: np.ndarray, seq: np.ndarray, pos: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run rows (token ids[m] at position pos[m] of sequence seq[m]); return the logits of every
+        row [n, n_vocab], or of the last row only [1, n_vocab]. Inputs are already checked."""
+
+    @abstractmethod
+    def _grow(self, capacity: int) -> None:
+        """Enlarge per-sequence storage to `capacity` positions, keeping its contents."""
