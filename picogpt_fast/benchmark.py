@@ -190,7 +190,7 @@ class TransformersSession(Session):
     def _grow(self, capacity: int) -> None:
         pass
 
-    def _forward(self, ids, seq, pos, all_logits: bool) -> np.ndarray:
+    def _forward(self, ids, seq, pos, all_logits: bool, prompt: bool) -> np.ndarray:
         torch = self.peer.torch
         with torch.no_grad():
             out = self.peer.model(torch.tensor([ids.tolist()]), past_key_values=self.past if pos[0] else None, use_cache=True,

@@ -21,9 +21,9 @@ import numpy as np
 from . import kernels as K
 from . import threads as T
 from .config import GPT2Config
+from .dtypes import EngineWeights, Matrix
 from .errors import ConcurrencyError
 from .session import Session
-from .weights import GPT2Weights
 
 F32 = np.float32
 
@@ -41,6 +41,9 @@ NUMBA_THREADS_DURING_BLAS: int | None = 1
 
 # A prompt's attention on BLAS goes by blocks of this many rows (see NumbaSession._attention_blas).
 PROMPT_BLOCK = 256
+
+# Low-precision weights reach BLAS as float32 blocks of at most this many values (8 MiB, cache-sized).
+DEQUANT_BLOCK = 1 << 21
 
 
 # ----------------------------------------------------------------------------- threading guard
@@ -81,36 +84,34 @@ class NumbaBackend:
 
     name = "numba"
 
-    def __init__(self, config: GPT2Config, weights: GPT2Weights, threads: int | None = None):
+    def __init__(self, config: GPT2Config, weights: EngineWeights, threads: int | None = None):
         self.config = config
-        self.weights = weights  # checked by GPT2
+        self.weights = weights
         self.threads = T.check(threads)
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
+        self.no_bias = np.zeros(config.n_vocab, F32)  # the output projection has none
+        self.no_bias.flags.writeable = False
 
     def session(self, n_seq: int = 1, capacity: int = 0) -> "NumbaSession":
         return NumbaSession(self, n_seq, capacity)
 
 
 class KVCache:
-    """Keys [n_layer, n_seq, n_head, capacity, head_dim] and values transposed,
-    [n_layer, n_seq, n_head, head_dim, capacity], so that attention reads contiguous rows."""
+    """Keys and values, each [n_layer, n_seq, n_head, capacity, head_dim]: a position's key (value)
+    of one head is a contiguous row, written once and read in order by attention."""
 
     def __init__(self, config: GPT2Config, n_seq: int, capacity: int):
         L, H, D = config.n_layer, config.n_head, config.head_dim
         self.capacity = capacity
         self.k = np.zeros((L, n_seq, H, capacity, D), F32)
-        # Rows of vt are an odd number of cache lines long: D rows a multiple of 4 KiB apart would
-        # share L1 sets and evict each other.
-        stride = -(-capacity // 16) * 16
-        stride += 16 * (stride // 16 % 2 == 0)
-        self.vt = np.zeros((L, n_seq, H, D, stride), F32)
+        self.v = np.zeros((L, n_seq, H, capacity, D), F32)
 
     def grown(self, config: GPT2Config, capacity: int) -> "KVCache":
         """A larger cache holding this one's contents."""
         new = KVCache(config, self.k.shape[1], capacity)
         new.k[:, :, :, : self.capacity] = self.k[:, :, :, : self.capacity]
-        new.vt[..., : self.capacity] = self.vt[..., : self.capacity]
+        new.v[:, :, :, : self.capacity] = self.v[:, :, :, : self.capacity]
         return new
 
 
@@ -133,8 +134,7 @@ class RunState:
             self.qkv = np.zeros((rows, 3 * E), F32)  # q | k | v, heads side by side
             self.att = np.zeros((rows, E), F32)  # attention output, heads side by side
             self.ff = np.zeros((rows, F), F32)  # MLP hidden activations
-            self.blas_out = np.zeros(rows * max(F, 3 * E), F32)  # a BLAS product before its epilogue
-            self.acc = np.zeros((T.max_threads(), rows * max(F, 3 * E)), F32)  # linear()'s accumulators
+            self.blas_out = np.zeros(rows * max(F, 3 * E, min(c.n_vocab, DEQUANT_BLOCK // E)), F32)  # a BLAS product before its epilogue
             self.prompt_scores = np.zeros(0, F32)  # [block rows, keys] of _attention_blas
         if logit_rows > self.logit_rows:
             self.logit_rows = logit_rows
@@ -142,6 +142,12 @@ class RunState:
         if keys > self.keys:
             self.keys = keys
             self.scores = np.zeros((T.max_threads(), keys), F32)  # attention(): one row per worker thread
+
+    def dequantized(self, n: int) -> np.ndarray:
+        """Scratch for low-precision weights converted to float32 for BLAS (DEQUANT_BLOCK values)."""
+        if not hasattr(self, "_dequant"):
+            self._dequant = np.zeros(DEQUANT_BLOCK, F32)
+        return self._dequant[:n]
 
 
 class NumbaSession(Session):
@@ -157,9 +163,11 @@ class NumbaSession(Session):
         self.cache = self.cache.grown(self.config, capacity)
         self.state.fit(1, 1, capacity)
 
-    def _forward(self, ids, seq, pos, all_logits: bool) -> np.ndarray:
+    def _forward(self, ids, seq, pos, all_logits: bool, prompt: bool) -> np.ndarray:
         n = len(ids)
-        blas = n >= BLAS_MIN_ROWS  # the one choice of BLAS: a prompt long enough to amortise it
+        # The one choice of BLAS: a prompt long enough to amortise it. Decode steps never use it, so
+        # that a sequence decoded in a batch gets bitwise the logits it gets alone.
+        blas = prompt and n >= BLAS_MIN_ROWS
         threads = self.backend.threads
         numba_threads = min(threads, NUMBA_THREADS_DURING_BLAS or threads) if blas else threads
         self.state.fit(n, n if all_logits else 1, self.capacity)
@@ -171,45 +179,63 @@ class NumbaSession(Session):
         b, c, w, s = self.backend, self.config, self.backend.weights, self.state
         n = len(ids)
         x, h, qkv, att, ff = s.x[:n], s.h[:n], s.qkv[:n], s.att[:n], s.ff[:n]
-        K.embed(ids, pos, w.wte, w.wpe, x)  # [n] -> [n, E]
-        for i, lw in enumerate(w.layers):
-            k_cache, vt_cache = self.cache.k[i], self.cache.vt[i]
-            K.layer_norm(x, lw.ln_1_g, lw.ln_1_b, b.eps, h)  # [n, E]
-            self._linear(h, lw.attn_w, lw.attn_b, qkv, K.STORE, blas)  # [n, E] -> [n, 3E]
-            K.store_kv(qkv, seq, pos, k_cache, vt_cache)
-            if i == c.n_layer - 1 and not all_logits and n > 1:
-                # The last-layer shortcut: every row's key and value are cached, and only the last
-                # row's logits are wanted, so the last block runs on that row alone.
-                x, h, qkv, att, ff, seq, pos = x[-1:], h[-1:], qkv[-1:], att[-1:], ff[-1:], seq[-1:], pos[-1:]
-            if blas and len(x) > 1:
-                self._attention_blas(k_cache, vt_cache, seq, pos, qkv, att)  # [n, 3E] -> [n, E]
-            else:
-                K.attention(qkv, seq, pos, k_cache, vt_cache, b.scale, att, s.scores)  # [n, 3E] -> [n, E]
-            self._linear(att, lw.attn_proj_w, lw.attn_proj_b, x, K.ADD, blas and len(x) > 1)  # x += [n, E] @ [E, E]
-            K.layer_norm(x, lw.ln_2_g, lw.ln_2_b, b.eps, h)  # [n, E]
-            self._linear(h, lw.fc_w, lw.fc_b, ff, K.GELU, blas and len(x) > 1)  # [n, E] -> [n, F]
-            self._linear(ff, lw.mlp_proj_w, lw.mlp_proj_b, x, K.ADD, blas and len(x) > 1)  # x += [n, F] @ [F, E]
-        if not all_logits:
-            x, h = x[-1:], h[-1:]
-        K.layer_norm(x, w.ln_f_g, w.ln_f_b, b.eps, h)  # [n, E]
-        logits = s.logits[: len(h)]
-        if blas:  # BLAS's threads are the ones running now
-            np.matmul(h, w.lm_head.T, out=logits)  # [n, E] @ [E, V] -> [n, V]
-        else:
-            K.logits(h, w.lm_head, logits)  # [n, E] @ [E, V] -> [n, V]
+        K.embed(ids, pos, w.wte.data, w.wte.scale, w.fmt, w.wpe, x)  # [n] -> [n, E]
+        for i in range(c.n_layer):
+            # The last-layer shortcut: once every row's key and value are cached, only the last row
+            # matters when only its logits are wanted, so the rest of the last block runs on it alone.
+            first = n - 1 if i == c.n_layer - 1 and not all_logits else 0
+            self._linear(x, w.attn_w, i, w.attn_b[i], qkv, K.STORE, blas, norm=(w.ln_1_g[i], w.ln_1_b[i], h))  # [n, E] -> [n, 3E]
+            self._attention(i, qkv, seq, pos, att, blas, first)  # [n, 3E] -> [n, E], keys and values cached
+            x, h, att, ff, blas = x[first:], h[first:], att[first:], ff[first:], blas and n - first > 1
+            self._linear(att, w.attn_proj_w, i, w.attn_proj_b[i], x, K.ADD, blas)  # x += [n, E] @ [E, E]
+            self._linear(x, w.fc_w, i, w.fc_b[i], ff, K.GELU, blas, norm=(w.ln_2_g[i], w.ln_2_b[i], h))  # [n, E] -> [n, F]
+            self._linear(ff, w.mlp_proj_w, i, w.mlp_proj_b[i], x, K.ADD, blas)  # x += [n, F] @ [F, E]
+        logits = s.logits[: len(x)]
+        with T.scope(b.threads):  # the output projection on the engine's threads (a prompt's last row too)
+            self._linear(x, w.lm_head, None, b.no_bias, logits, K.STORE, blas, norm=(w.ln_f_g, w.ln_f_b, h))  # [n, E] -> [n, V]
         return logits
 
-    def _linear(self, x, weight, bias, out, mode, blas: bool) -> None:
-        """out = epilogue(x @ weight + bias): BLAS for many rows, else the Numba kernel."""
-        if not blas:
-            K.linear(x, weight, bias, out, mode, self.state.acc, numba.get_num_threads())
-            return
-        rows, cols = x.shape[0], weight.shape[1]
-        y = out if mode == K.STORE else self.state.blas_out[: rows * cols].reshape(rows, cols)
-        np.matmul(x, weight, out=y)
-        K.bias_epilogue(y, bias, out, mode)
+    def _attention(self, i: int, qkv, seq, pos, att, blas: bool, first: int) -> None:
+        """Cache every row's key and value in layer i, then attention for rows first..n-1."""
+        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+        if blas and len(qkv) - first > 1:
+            K.store_kv(qkv, seq, pos, k_cache, v_cache)
+            self._attention_blas(k_cache, v_cache, seq, pos, qkv, att)
+        else:
+            K.attention(qkv, seq, pos, k_cache, v_cache, self.backend.scale, att, self.state.scores, first)
 
-    def _attention_blas(self, k_cache, vt_cache, seq, pos, qkv, att) -> None:
+    def _linear(self, x, matrix: Matrix, layer: int | None, bias, out, mode, blas: bool, norm=None) -> None:
+        """out = epilogue(xn @ W.T + bias), W = matrix (or its layer `layer`), xn = layer_norm(x) into
+        norm[2] when norm = (gain, shift, buffer) is given, else x. The Numba kernel for few rows (one
+        launch, layer norm included); BLAS for many, on float32 blocks of the weights (converted here
+        unless float32)."""
+        w, scale = matrix.layer(layer) if layer is not None else (matrix.data, matrix.scale)
+        fmt = self.backend.weights.fmt
+        if not blas:
+            bands = numba.get_num_threads()
+            if norm is None:
+                K.linear(x, w, scale, fmt, bias, out, mode, bands)
+            else:
+                K.norm_linear(x, norm[0], norm[1], self.backend.eps, norm[2][: len(x)], w, scale, fmt, bias, out, mode, bands)
+            return
+        if norm is not None:
+            xn = norm[2][: len(x)]
+            K.layer_norm(x, norm[0], norm[1], self.backend.eps, xn)
+            x = xn
+        rows, (N, Kd) = x.shape[0], w.shape
+        step = N if fmt == K.F32_FORMAT else max(1, DEQUANT_BLOCK // Kd)
+        for j0 in range(0, N, step):
+            j1 = min(N, j0 + step)
+            if fmt == K.F32_FORMAT:
+                block = w[j0:j1]
+            else:
+                block = self.state.dequantized((j1 - j0) * Kd).reshape(j1 - j0, Kd)
+                K.dequantize(w, scale, fmt, j0, block)
+            y = out if (mode == K.STORE and j1 - j0 == N) else self.state.blas_out[: rows * (j1 - j0)].reshape(rows, j1 - j0)
+            np.matmul(x, block.T, out=y)  # [rows, K] @ [K, j1 - j0]
+            K.bias_epilogue(y, bias, out, mode, j0)
+
+    def _attention_blas(self, k_cache, v_cache, seq, pos, qkv, att) -> None:
         """Attention for a prompt of one sequence as BLAS products per head and block of rows:
         scores = Q @ K.T over the keys the block's last row sees, a causal softmax, out = P @ V.
 
@@ -228,4 +254,4 @@ class NumbaSession(Session):
             for h in range(c.n_head):
                 np.matmul(qkv[r0:r1, h * D : (h + 1) * D], k_cache[sq, h, :keys].T, out=p)
                 K.causal_softmax(p, start + r0, self.backend.scale)
-                np.matmul(p, vt_cache[sq, h, :, :keys].T, out=att[r0:r1, h * D : (h + 1) * D])
+                np.matmul(p, v_cache[sq, h, :keys], out=att[r0:r1, h * D : (h + 1) * D])

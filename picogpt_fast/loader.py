@@ -1,5 +1,6 @@
 """From a model name to what the engine runs: the folder (hub.py), its config and tokenizer, then
-its weights. `GPT2.from_pretrained`, the CLI and the picoGPT drop-in all load through here.
+its weights in the requested dtype (through the weights cache, cache.py). `GPT2.from_pretrained`,
+the CLI and the picoGPT drop-in all load through here.
 
 The config and tokenizer come first and cheaply, so that a request can be checked against the
 context before the weights are touched.
@@ -11,10 +12,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache, dtypes, validate
 from .config import GPT2Config
+from .errors import CheckpointError, ConfigError, read_json
 from .hub import ModelFiles, resolve_model
 from .tokenizer import Tokenizer
-from .weights import GPT2Weights, load_weights as _load_weights
+from .weights import checkpoint_files
+from .weights import load_weights as load_checkpoint
+
+CONVERTED_KEY = "picogpt_fast"  # config.json key of a folder written by `picogpt-fast convert`
 
 
 @dataclass(frozen=True)
@@ -24,15 +30,44 @@ class Resolved:
     folder: Path
     config: GPT2Config
     tokenizer: Tokenizer
+    converted: str | None = None  # the dtype of a folder written by `picogpt-fast convert`
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Resolved:
     """Find the folder (downloading from the Hub if need be) and read its config and tokenizer."""
     folder = resolve_model(name_or_path, revision=revision)
     files = ModelFiles.of(folder)
-    return Resolved(folder, GPT2Config.from_file(files.config), Tokenizer.from_files(files.vocab, files.merges))
+    config = GPT2Config.from_file(files.config)
+    converted = None
+    if files.config.name == "config.json":
+        raw = read_json(files.config, ConfigError)
+        marker = raw.get(CONVERTED_KEY) if isinstance(raw, dict) else None
+        if marker is not None:
+            converted = marker.get("dtype") if isinstance(marker, dict) else None
+            if converted not in dtypes.DTYPES:
+                raise ConfigError(f"{files.config}: {CONVERTED_KEY}={marker!r} does not name a weight dtype; convert the model again")
+    return Resolved(folder, config, Tokenizer.from_files(files.vocab, files.merges), converted)
 
 
-def load_weights(model: Resolved) -> GPT2Weights:
-    """The folder's weights, checked against its config."""
-    return _load_weights(model.folder, model.config)
+def dtype_for(model: Resolved, dtype: str | None) -> str:
+    """The dtype to load: the requested one, else the converted folder's, else float32."""
+    if dtype is None:
+        return model.converted or "float32"
+    dtype = validate.choice("dtype", dtype, list(dtypes.DTYPES))
+    if model.converted is not None and dtype != model.converted:
+        raise CheckpointError(
+            f"{model.folder} holds {model.converted} weights converted by picogpt-fast; load it as {model.converted} "
+            f"(it cannot become {dtype}), or convert the original checkpoint"
+        )
+    return dtype
+
+
+def load_weights(model: Resolved, dtype: str | None = None) -> dtypes.EngineWeights:
+    """The folder's weights as the engine reads them, in `dtype` (see dtype_for)."""
+    dtype = dtype_for(model, dtype)
+    if model.converted is not None:
+        return cache.read(model.folder / "model.safetensors", model.config, dtype)
+    return cache.engine_weights(
+        checkpoint_files(model.folder), model.config, dtype,
+        build=lambda: dtypes.prepare(load_checkpoint(model.folder, model.config).check(model.config), model.config, dtype),
+    )  # fmt: skip

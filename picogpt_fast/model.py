@@ -17,8 +17,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import generation, validate
+from . import dtypes, generation, validate
 from .config import GPT2Config
+from .dtypes import EngineWeights
 from .errors import InvalidArgumentError
 from .generation import Completion, Timings, log_softmax
 from .sampling import SamplingParams
@@ -27,37 +28,51 @@ from .tokenizer import Tokenizer
 from .weights import GPT2Weights
 
 BACKENDS = ("numba", "numpy")
+DTYPES = tuple(dtypes.DTYPES)
 # Keywords of complete(), generate(), generate_batch(), stream() and stream_text().
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 GENERATION_KEYWORDS = (*SAMPLING_KEYWORDS, "sampling", "stop", "stop_at_eos", "logprobs", "clip")
 
 
-def _make_backend(name: str, config: GPT2Config, weights: GPT2Weights, threads: int | None):
-    name = validate.choice("backend", name, BACKENDS)
-    if name == "numba":
-        from .engine import NumbaBackend
-
-        return NumbaBackend(config, weights, threads)
-    from .reference import ReferenceBackend
-
-    return ReferenceBackend(config, weights, threads)
-
-
 class GPT2:
-    """A GPT-2 model on one backend: "numba" (the engine) or "numpy" (picoGPT's reference)."""
+    """A GPT-2 model on one backend: "numba" (the engine) or "numpy" (picoGPT's reference), with its
+    weights in one dtype: float32 (default), float16, bfloat16 or int8."""
 
     def __init__(
         self,
         config: GPT2Config,
-        weights: GPT2Weights,
+        weights: GPT2Weights | EngineWeights,
         tokenizer: Tokenizer | None = None,
         backend: str = "numba",
         threads: int | None = None,
+        dtype: str | None = None,
     ):
+        """`weights`: a checkpoint's float32 weights in picoGPT's layout (GPT2Weights, converted here to
+        `dtype`), or weights already in the engine's form (EngineWeights, from the loader)."""
+        backend = validate.choice("backend", backend, BACKENDS)
         self.config = config
-        self.weights = weights.check(config)
         self.tokenizer = tokenizer
-        self._backend = _make_backend(backend, config, weights, threads)
+        self._reference_weights: GPT2Weights | None = None
+        if isinstance(weights, EngineWeights):
+            if dtype is not None and validate.choice("dtype", dtype, DTYPES) != weights.dtype:
+                raise InvalidArgumentError(f"these weights are {weights.dtype}; dtype={dtype!r} would need the original checkpoint")
+            self.engine_weights = weights
+        elif isinstance(weights, GPT2Weights):
+            dtype = validate.choice("dtype", "float32" if dtype is None else dtype, DTYPES)
+            weights.check(config)
+            if dtype == "float32":
+                self._reference_weights = weights
+            self.engine_weights = dtypes.prepare(weights, config, dtype) if backend == "numba" or dtype != "float32" else None
+        else:
+            raise InvalidArgumentError(f"weights must be GPT2Weights or EngineWeights, not {type(weights).__name__}")
+        if backend == "numba":
+            from .engine import NumbaBackend
+
+            self._backend = NumbaBackend(config, self.engine_weights, threads)
+        else:
+            from .reference import ReferenceBackend
+
+            self._backend = ReferenceBackend(config, self.weights, threads)
         self._sessions = threading.local()  # one reusable session per calling thread
 
     @classmethod
@@ -66,16 +81,33 @@ class GPT2:
         name_or_path: str | os.PathLike,
         backend: str = "numba",
         *,
+        dtype: str | None = None,
         revision: str | None = None,
         threads: int | None = None,
     ) -> "GPT2":
-        """Load a local folder (Hugging Face's or picoGPT's layout) or a Hub id (gpt2, gpt2-medium, ...,
-        distilgpt2, 124M..1558M, any fine-tune)."""
+        """Load a local folder (Hugging Face's or picoGPT's layout, or one written by `picogpt-fast
+        convert`) or a Hub id (gpt2, gpt2-medium, ..., distilgpt2, 124M..1558M, any fine-tune).
+
+        dtype: "float32" (default), "float16", "bfloat16" or "int8"; conversions are cached on disk
+        (see cache.py). A converted folder loads in the dtype it was converted to.
+        """
         from . import loader
 
         validate.choice("backend", backend, BACKENDS)
         files = loader.resolve(name_or_path, revision=revision)
-        return cls(files.config, loader.load_weights(files), files.tokenizer, backend=backend, threads=threads)
+        return cls(files.config, loader.load_weights(files, dtype), files.tokenizer, backend=backend, threads=threads)
+
+    @property
+    def dtype(self) -> str:
+        return self.engine_weights.dtype if self.engine_weights is not None else "float32"
+
+    @property
+    def weights(self) -> GPT2Weights:
+        """The weights in picoGPT's layout, float32: the values this model computes with (dequantized
+        for low-precision dtypes, made on first use)."""
+        if self._reference_weights is None:
+            self._reference_weights = dtypes.to_reference(self.engine_weights)
+        return self._reference_weights
 
     @property
     def backend(self) -> str:

@@ -9,9 +9,9 @@
 `gpt2()` returns picoGPT's [n_seq, n_vocab] logits, `generate()` appends to `inputs` and returns
 the new ids, greedy, exactly as picoGPT does; both run on the Numba engine with a KV cache. The
 params dict has picoGPT's layout (`blocks[i]["attn"]["c_attn"]["w"]` is [n_embd, 3 * n_embd]).
-Params built by `load_encoder_hparams_and_params` are the engine's own (read-only) weights; params
-built any other way are used as they are when float32 and C-contiguous, converted once otherwise
-(keep using the same arrays; the engine reads them, it never writes them).
+Params built by `load_encoder_hparams_and_params` are views of the engine's own (read-only) float32
+weights; params built any other way are converted once into the engine's layout (a copy, made on
+the first call with those arrays; keep passing the same arrays to reuse it).
 """
 
 from __future__ import annotations
@@ -94,13 +94,10 @@ def load_encoder_hparams_and_params(model_size, models_dir):
     if model_size not in ALIASES:
         raise InvalidArgumentError(f"model_size {model_size!r} must be one of {', '.join(ALIASES)}")
     local = Path(os.fspath(models_dir)) / model_size
-    model = loader.resolve(local if local.is_dir() else model_size)
-    config, encoder = model.config, model.tokenizer
-    weights = loader.load_weights(model)
-    params = params_from_weights(weights)
-    _models[id(params["wte"])] = (
-        _leaves(params["wte"], params["wpe"], params["blocks"], params["ln_f"]),
-        GPT2(config, weights, encoder),
-    )
+    resolved = loader.resolve(local if local.is_dir() else model_size)
+    config, encoder = resolved.config, resolved.tokenizer
+    model = GPT2(config, loader.load_weights(resolved, "float32"), encoder)
+    params = params_from_weights(model.weights)  # views of the engine's float32 weights, in picoGPT's layout
+    _models[id(params["wte"])] = (_leaves(params["wte"], params["wpe"], params["blocks"], params["ln_f"]), model)
     hparams = {"n_vocab": config.n_vocab, "n_ctx": config.n_ctx, "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer}
     return encoder, hparams, params

@@ -118,9 +118,9 @@ class ReferenceSession(Session):
         grown[:, : self.tokens.shape[1]] = self.tokens
         self.tokens = grown
 
-    def _forward(self, ids, seq, pos, all_logits: bool) -> np.ndarray:
+    def _forward(self, ids, seq, pos, all_logits: bool, prompt: bool) -> np.ndarray:
         self.tokens[seq, pos] = ids
-        if len(np.unique(seq)) == 1:  # a prompt: one pass over its sequence
+        if prompt or len(ids) == 1:  # one pass over the sequence
             logits = self.backend.forward(self.tokens[seq[0], : pos[-1] + 1])[pos[0] :]
             return logits if all_logits else logits[-1:]
         return np.stack([self.backend.forward(self.tokens[s, : p + 1])[-1] for s, p in zip(seq, pos)])

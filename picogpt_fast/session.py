@@ -67,7 +67,7 @@ class Session(ABC):
         start = int(self._lengths[seq])
         self._make_room(start + len(ids), f"sequence {seq}")
         pos = np.arange(start, start + len(ids), dtype=np.int64)
-        logits = self._forward(ids, np.full(len(ids), seq, np.int64), pos, all_logits)
+        logits = self._forward(ids, np.full(len(ids), seq, np.int64), pos, all_logits, prompt=True)
         self._lengths[seq] += len(ids)
         return logits if all_logits else logits[-1]
 
@@ -81,7 +81,7 @@ class Session(ABC):
             raise InvalidArgumentError("decode() takes at most one new token per sequence and step")
         pos = self._lengths[seqs]
         self._make_room(int(pos.max()) + 1, f"sequence {int(seqs[pos.argmax()])}")
-        logits = self._forward(tokens, seqs, pos.copy(), True)
+        logits = self._forward(tokens, seqs, pos.copy(), True, prompt=False)
         self._lengths[seqs] += 1
         return logits
 
@@ -93,9 +93,10 @@ class Session(ABC):
 
     # ------------------------------------------------------------------ what a backend implements
     @abstractmethod
-    def _forward(self, ids: np.ndarray, seq: np.ndarray, pos: np.ndarray, all_logits: bool) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, seq: np.ndarray, pos: np.ndarray, all_logits: bool, prompt: bool) -> np.ndarray:
         """Run rows (token ids[m] at position pos[m] of sequence seq[m]); return the logits of every
-        row [n, n_vocab], or of the last row only [1, n_vocab]. Inputs are already checked."""
+        row [n, n_vocab], or of the last row only [1, n_vocab]. prompt: the rows are consecutive
+        tokens of one sequence (prefill), else one token per sequence (decode). Inputs are checked."""
 
     @abstractmethod
     def _grow(self, capacity: int) -> None:

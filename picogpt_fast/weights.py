@@ -58,7 +58,8 @@ class LayerWeights:
 
 @dataclass
 class GPT2Weights:
-    """All weights, float32, C-contiguous and read-only (shared by every session)."""
+    """All weights in picoGPT's layout, float32 and read-only: what loaders read, and what the NumPy
+    reference and the picoGPT drop-in compute with (the engine converts them, see dtypes.py)."""
 
     wte: np.ndarray  # [V, E] token embeddings (also the tied output projection)
     wpe: np.ndarray  # [P, E] position embeddings
@@ -89,8 +90,7 @@ class GPT2Weights:
     def check(self, config: GPT2Config) -> "GPT2Weights":
         """Refuse arrays whose shape, dtype or layout does not match the config; make them read-only.
 
-        Read-only views: no session can change shared weights, and each kernel is compiled for one
-        argument type (Numba types read-only and writable arrays apart).
+        Read-only views: no session can change shared weights.
         """
         want = {t.field: t.dims(config) for t in (*tensors.GLOBAL, *tensors.LAYER, tensors.LM_HEAD)}
         bad = []
@@ -98,9 +98,9 @@ class GPT2Weights:
             bad.append(f"{len(self.layers)} layers (expected {config.n_layer})")
         for name, a in self.arrays():
             shape = want[name.rpartition(".")[2]]
-            if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
+            if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != np.float32:
                 got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-                bad.append(f"{name} (expected float32 C-contiguous {shape}, got {got})")
+                bad.append(f"{name} (expected float32 {shape}, got {got})")
         if bad:
             raise CheckpointError(f"weights do not match the config: {_summarise(bad)}")
         tied = self.tied
@@ -139,25 +139,34 @@ def _as_float32(entry: TensorEntry, buf) -> np.ndarray:
     return out
 
 
-def read_entries(folder: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a checkpoint folder, by name: model.safetensors, a sharded safetensors
-    checkpoint, or OpenAI's TensorFlow checkpoint (model.ckpt.*, what picoGPT downloads)."""
-    files = [folder / WEIGHTS_FILE]
-    index = folder / SHARD_INDEX_FILE
-    if not files[0].is_file() and index.is_file():
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files holding a checkpoint's tensors: model.safetensors, a sharded safetensors
+    checkpoint's shards, or OpenAI's TensorFlow checkpoint (model.ckpt.*, what picoGPT downloads)."""
+    single, index = folder / WEIGHTS_FILE, folder / SHARD_INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
         content = read_json(index, CheckpointError)
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()):
             raise CheckpointError(f"{index} is not a valid safetensors index (a weight_map of file names); re-download the model")
         files = sorted({folder / name for name in weight_map.values()})
-    elif not files[0].is_file():
-        if (folder / tf_checkpoint.INDEX_FILE).is_file():
-            return tf_checkpoint.read_entries(folder)
-        raise CheckpointError(f"{folder} has no model.safetensors; picogpt-fast needs safetensors weights")
+        for path in files:
+            if not path.is_file():
+                raise CheckpointError(f"{path} is listed in the safetensors index but missing; re-download the model")
+        return files
+    if (folder / tf_checkpoint.INDEX_FILE).is_file():
+        return [folder / tf_checkpoint.INDEX_FILE, folder / tf_checkpoint.DATA_FILE]
+    raise CheckpointError(f"{folder} has no model.safetensors; picogpt-fast needs safetensors weights")
+
+
+def read_entries(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint folder (see checkpoint_files), by Hugging Face name."""
+    files = checkpoint_files(folder)
+    if files[0].name == tf_checkpoint.INDEX_FILE:
+        return tf_checkpoint.read_entries(folder)
     entries: dict[str, TensorEntry] = {}
     for path in files:
-        if not path.is_file():
-            raise CheckpointError(f"{path} is listed in the safetensors index but missing; re-download the model")
         found, _ = tensorfile.read_header(path)
         for name, e in found.items():
             if e.dtype not in SOURCE_DTYPES:

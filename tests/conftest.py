@@ -34,6 +34,13 @@ SHAPES = {
 STD = 0.25
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory):
+    """A weights cache of the test session's own (inherited by subprocesses), never the user's."""
+    os.environ["PICOGPT_FAST_CACHE"] = str(tmp_path_factory.mktemp("weights-cache"))
+    return Path(os.environ["PICOGPT_FAST_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     """GPT-2's vocab.json and merges.txt from ../shared/gpt2-tokenizer, hash-checked."""

@@ -5,6 +5,7 @@ import numba
 import numpy as np
 import pytest
 
+from picogpt_fast import dtypes
 from picogpt_fast import kernels as K
 from picogpt_fast import reference as R
 from picogpt_fast.kernels.vecmath import exp as vexp
@@ -47,12 +48,23 @@ def test_layer_norm(shape, threads):
     np.testing.assert_allclose(out, R.layer_norm(x, g, b, 1e-5), rtol=1e-5, atol=2e-5)
 
 
-def test_embed():
-    wte, wpe = randn(50, 9), randn(20, 9)
+DTYPES = ["float32", "float16", "bfloat16", "int8"]
+
+
+def matrix(N, K, dtype, scale=1.0):
+    """A random [N, K] weight matrix in `dtype` and the float32 values it stands for."""
+    m = dtypes.convert(randn(N, K, scale=scale), dtype, "w")
+    dtypes.readonly_matrix(m)
+    return m, dtypes.dequantize(m, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed(dtype):
+    (wte, values), wpe = matrix(50, 9, dtype), randn(20, 9)
     ids, pos = np.array([3, 0, 49, 3], np.int64), np.array([0, 1, 19, 5], np.int64)
     out = np.empty((4, 9), F32)
-    K.embed(ids, pos, wte, wpe, out)
-    np.testing.assert_array_equal(out, wte[ids] + wpe[pos])
+    K.embed(ids, pos, wte.data, wte.scale, dtypes.DTYPES[dtype], wpe, out)
+    np.testing.assert_array_equal(out, values[ids] + wpe[pos])
 
 
 def gelu64(x):
@@ -60,61 +72,75 @@ def gelu64(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def scratch_for(M, N):
-    return np.zeros((numba.config.NUMBA_NUM_THREADS, M * N), F32)
+def lanes():
+    return numba.get_num_threads()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 5, 17])
-@pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96), (200, 3)])
-def test_linear_all_modes(M, N, Kd, threads):
-    x, w, b = randn(M, Kd), randn(Kd, N), randn(N)
-    y64 = x.astype(np.float64) @ w.astype(np.float64) + b
+@pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96), (200, 3), (7, 31), (9, 33)])
+def test_linear_all_modes(dtype, M, N, Kd, threads):
+    """Every dtype against float64 NumPy on the values the weights stand for; sizes off the vector
+    width and off the int8 group (K = 31, 33, 65, 100)."""
+    (w, values), x, b = matrix(N, Kd, dtype), randn(M, Kd), randn(N)
+    fmt = dtypes.DTYPES[dtype]
+    y64 = x.astype(np.float64) @ values.T.astype(np.float64) + b
     tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
     out = np.empty((M, N), F32)
-    K.linear(x, w, b, out, K.STORE, scratch_for(M, N), threads)
+    K.linear(x, w.data, w.scale, fmt, b, out, K.STORE, lanes())
     np.testing.assert_allclose(out, y64, **tol)
-    K.linear(x, w, b, out, K.GELU, scratch_for(M, N), threads)
+    K.linear(x, w.data, w.scale, fmt, b, out, K.GELU, lanes())
     np.testing.assert_allclose(out, gelu64(y64), **tol)
     resid = randn(M, N)
     out = resid.copy()
-    K.linear(x, w, b, out, K.ADD, scratch_for(M, N), threads)
+    K.linear(x, w.data, w.scale, fmt, b, out, K.ADD, lanes())
     np.testing.assert_allclose(out, resid + y64, **tol)
 
 
-@pytest.mark.parametrize("M,V,E", [(1, 1, 1), (1, 5, 7), (3, 50257, 36), (2, 131, 64)])
-def test_logits(M, V, E, threads):
-    x, wte = randn(M, E), randn(V, E)
-    out = np.empty((M, V), F32)
-    K.logits(x, wte, out)
-    np.testing.assert_allclose(out, x.astype(np.float64) @ wte.T.astype(np.float64), rtol=1e-5, atol=1e-5 * np.sqrt(E))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_projection_shape(dtype, threads):
+    """The output projection is `linear` over the vocabulary rows (no bias)."""
+    (wte, values), x = matrix(50257, 36, dtype), randn(3, 36)
+    out = np.empty((3, 50257), F32)
+    K.linear(x, wte.data, wte.scale, dtypes.DTYPES[dtype], np.zeros(50257, F32), out, K.STORE, lanes())
+    np.testing.assert_allclose(out, x.astype(np.float64) @ values.T.astype(np.float64), rtol=1e-5, atol=6e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize(dtype):
+    (w, values) = matrix(40, 70, dtype)
+    out = np.empty((13, 70), F32)
+    K.dequantize(w.data, w.scale, dtypes.DTYPES[dtype], 20, out)
+    np.testing.assert_array_equal(out, values[20:33])
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_bias_epilogue(mode, threads):
-    y, b, out = randn(7, 37, scale=3), randn(37), randn(7, 37)
-    want = {0: y + b, 1: gelu64(y + b), 2: out + y + b}[mode]
-    K.bias_epilogue(y, b, out, mode)
+    y, b, out = randn(7, 37, scale=3), randn(50), randn(7, 50)
+    want = out.copy()
+    want[:, 5:42] = {0: y + b[5:42], 1: gelu64(y + b[5:42]), 2: out[:, 5:42] + y + b[5:42]}[mode]
+    K.bias_epilogue(y, b, out, mode, 5)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", [131, 1000, 2304])
-def test_linear_and_logits_are_batch_and_thread_invariant(N):
+def test_linear_is_batch_and_thread_invariant(dtype, N):
     """Each output sums in the same order whatever the batch and thread count: bitwise equal."""
-    x, w, b, wte = randn(9, 99), randn(99, N), randn(N), randn(N, 99)
+    (w, _), x, b = matrix(N, 99, dtype), randn(9, 99), randn(N)
+    fmt = dtypes.DTYPES[dtype]
     results = []
     for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(n_threads)
-        batch, logits = np.empty((9, N), F32), np.empty((9, N), F32)
-        K.linear(x, w, b, batch, K.GELU, scratch_for(9, N), n_threads)
-        K.logits(x, wte, logits)
+        batch = np.empty((9, N), F32)
+        K.linear(x, w.data, w.scale, fmt, b, batch, K.GELU, lanes())
         for m in range(9):
-            row, lrow = np.empty((1, N), F32), np.empty((1, N), F32)
-            K.linear(x[m : m + 1], w, b, row, K.GELU, scratch_for(1, N), n_threads)
-            K.logits(x[m : m + 1], wte, lrow)
-            assert np.array_equal(row[0], batch[m]) and np.array_equal(lrow[0], logits[m])
-        results.append((batch, logits))
+            row = np.empty((1, N), F32)
+            K.linear(x[m : m + 1], w.data, w.scale, fmt, b, row, K.GELU, lanes())
+            assert np.array_equal(row[0], batch[m])
+        results.append(batch)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert all(np.array_equal(results[0][0], r[0]) and np.array_equal(results[0][1], r[1]) for r in results)
+    assert all(np.array_equal(results[0], r) for r in results)
 
 
 def attention_numpy(qkv, seq, pos, keys, values, H, D):
@@ -143,23 +169,26 @@ def test_attention_prompt_then_decode(H, D, threads):
     from picogpt_fast.config import GPT2Config
 
     cache = KVCache(GPT2Config(n_vocab=1, n_ctx=C, n_embd=E, n_head=H, n_layer=1), S, C)
-    k_cache, vt_cache = cache.k[0], cache.vt[0]
+    k_cache, v_cache = cache.k[0], cache.v[0]
     keys = [np.zeros((C, E), F32) for _ in range(S)]
     values = [np.zeros((C, E), F32) for _ in range(S)]
 
-    def step(qkv, seq, pos):
+    def step(qkv, seq, pos, first=0, separate_store=False):
         for m in range(len(qkv)):
             keys[seq[m]][pos[m]] = qkv[m, E : 2 * E]
             values[seq[m]][pos[m]] = qkv[m, 2 * E :]
-        K.store_kv(qkv, seq, pos, k_cache, vt_cache)
+        if separate_store:  # the prompt-on-BLAS path stores first; attention stores again, harmlessly
+            K.store_kv(qkv, seq, pos, k_cache, v_cache)
         out = np.zeros((len(qkv), E), F32)
-        K.attention(qkv, seq, pos, k_cache, vt_cache, F32(1 / np.sqrt(D)), out, scratch(C))
+        K.attention(qkv, seq, pos, k_cache, v_cache, F32(1 / np.sqrt(D)), out, scratch(C), first)
         # atol: the outputs are sums of values of size ~2, some cancelling to near zero
-        np.testing.assert_allclose(out, attention_numpy(qkv, seq, pos, keys, values, H, D), rtol=1e-5, atol=1e-5)
+        want = attention_numpy(qkv, seq, pos, keys, values, H, D)
+        np.testing.assert_allclose(out[first:], want[first:], rtol=1e-5, atol=1e-5)
+        assert not out[:first].any()  # rows before `first` are stored, not computed
 
-    # a 13-token prompt in sequence 1, a 1-token prompt in sequence 0
-    step(randn(T, 3 * E, scale=2), np.full(T, 1, np.int64), np.arange(T, dtype=np.int64))
-    step(randn(1, 3 * E, scale=2), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    # a 13-token prompt in sequence 1 (attention for its last 3 rows only), a 1-token prompt in sequence 0
+    step(randn(T, 3 * E, scale=2), np.full(T, 1, np.int64), np.arange(T, dtype=np.int64), first=T - 3)
+    step(randn(1, 3 * E, scale=2), np.zeros(1, np.int64), np.zeros(1, np.int64), separate_store=True)
     # then both decode together, at positions 13 and 1
     step(randn(2, 3 * E, scale=2), np.array([1, 0], np.int64), np.array([T, 1], np.int64))
     step(randn(2, 3 * E, scale=2), np.array([0, 1], np.int64), np.array([2, T + 1], np.int64))
@@ -174,9 +203,8 @@ def test_attention_with_peaked_scores_is_stable():
 
     cache = KVCache(GPT2Config(n_vocab=1, n_ctx=8, n_embd=H * D, n_head=H, n_layer=1), 1, 8)
     seq, pos = np.zeros(T, np.int64), np.arange(T, dtype=np.int64)
-    K.store_kv(qkv, seq, pos, cache.k[0], cache.vt[0])
     out = np.zeros((T, H * D), F32)
-    K.attention(qkv, seq, pos, cache.k[0], cache.vt[0], F32(1 / np.sqrt(D)), out, scratch(8))
+    K.attention(qkv, seq, pos, cache.k[0], cache.v[0], F32(1 / np.sqrt(D)), out, scratch(8), 0)
     keys = [np.concatenate([qkv[:, H * D : 2 * H * D], np.zeros((3, H * D), F32)])]
     values = [np.concatenate([qkv[:, 2 * H * D :], np.zeros((3, H * D), F32)])]
     assert np.isfinite(out).all()
@@ -208,5 +236,5 @@ def test_kernels_stay_in_float32(tmp_path):
     r = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_CACHE_DIR=str(tmp_path)))
     assert r.returncode == 0, r.stderr[-2000:]
     counts = dict(line.split() for line in r.stdout.splitlines())
-    assert {"linear", "logits", "attention", "layer_norm", "bias_epilogue", "causal_softmax", "embed", "store_kv"} <= set(counts)
+    assert {"linear", "dequantize", "attention", "layer_norm", "bias_epilogue", "causal_softmax", "embed", "store_kv"} <= set(counts)
     assert all(c == "0" for c in counts.values()), counts

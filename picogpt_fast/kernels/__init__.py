@@ -5,7 +5,11 @@ from .activations import ADD, GELU, STORE, bias_epilogue, gelu
 from .attention import attention, causal_softmax, store_kv
 from .embedding import embed
 from .layernorm import layer_norm
-from .linear import linear, logits
+from .formats import BF16, F16, F32_FORMAT, GROUP, I8
+from .linear import dequantize, linear, norm_linear
 from .probe import stream_read
 
-__all__ = ["ADD", "GELU", "STORE", "attention", "bias_epilogue", "causal_softmax", "embed", "gelu", "layer_norm", "linear", "logits", "store_kv", "stream_read"]
+__all__ = [
+    "ADD", "BF16", "F16", "F32_FORMAT", "GELU", "GROUP", "I8", "STORE", "attention", "bias_epilogue", "causal_softmax",
+    "dequantize", "embed", "gelu", "layer_norm", "linear", "norm_linear", "store_kv", "stream_read",
+]  # fmt: skip

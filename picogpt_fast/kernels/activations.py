@@ -34,9 +34,10 @@ def epilogue(out, m, j, y, mode):
 
 
 @kernel
-def bias_epilogue(y, b, out, mode):
-    """out = epilogue(y + b) row by row. y [M, N] (a BLAS product), b [N], out [M, N]; y may be out."""
-    M, N = y.shape
+def bias_epilogue(y, b, out, mode, j0):
+    """out[:, j0:j0 + n] = epilogue(y + b[j0:j0 + n]) row by row. y [M, n] (a BLAS product of output
+    columns j0..j0+n-1), b [N], out [M, N]; y may be out when j0 = 0 and n = N."""
+    M, n = y.shape
     for m in prange(M):
-        for j in range(N):
-            epilogue(out, m, j, y[m, j] + b[j], mode)
+        for j in range(n):
+            epilogue(out, m, j0 + j, y[m, j] + b[j0 + j], mode)

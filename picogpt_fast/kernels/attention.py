@@ -1,9 +1,9 @@
 """Causal multi-head attention against a KV cache.
 
-The cache of one layer holds, per sequence and head, keys as [C, D] rows and values transposed as
-[D, C] rows (S sequences, H heads, C positions, head size D). Both products of attention are then
-matrix-vector products over contiguous rows, computed by the same `dot4` as the linear layers:
-scores = K[:n] @ q and out = V.T[:, :n] @ softmax(scores).
+The cache of one layer holds, per sequence and head, keys and values as [C, D] rows (S sequences,
+H heads, C positions, head size D), so that a new token's key and value are two contiguous writes.
+For a query q: scores = K[:n] @ q (a dot product per cached row), a softmax, then
+out = sum_t p_t V[t] (a scaled row added per cached position); both walk the cache rows in order.
 
 Each input row m carries its own sequence seq[m] and position pos[m]; the same kernel serves a
 prompt (many rows of one sequence), one new token, and a batch of sequences decoding together.
@@ -14,58 +14,58 @@ import numba
 import numpy as np
 from numba import prange
 
-from .dot import dot, dot4
-from .jit import kernel
+from .dot import dot
+from .jit import helper, kernel
 from .vecmath import exp
 
 F32 = np.float32
 
 
-@kernel
-def store_kv(qkv, seq, pos, k_cache, vt_cache):
-    """Copy each row's key and value into the cache, one head per work item.
+@helper
+def store_head(qkv, seq, pos, k_cache, v_cache, h):
+    """Copy head h of each row's key and value into the cache.
 
-    qkv [M, 3E] (q | k | v, heads side by side), seq/pos [M] int64,
-    k_cache [S, H, C, D], vt_cache [S, H, D, C]. Values are written d-major, so the rows of a
-    prompt (consecutive positions) fill contiguous runs of vt_cache.
+    qkv [M, 3E] (q | k | v, heads side by side), seq/pos [M] int64, k_cache/v_cache [S, H, C, D].
     """
     M = qkv.shape[0]
     H, D = k_cache.shape[1], k_cache.shape[3]
     E = H * D
-    for h in prange(H):
-        for m in range(M):
-            k = k_cache[seq[m], h, pos[m]]
-            for d in range(D):
-                k[d] = qkv[m, E + h * D + d]
+    for m in range(M):
+        k, v = k_cache[seq[m], h, pos[m]], v_cache[seq[m], h, pos[m]]
         for d in range(D):
-            for m in range(M):
-                vt_cache[seq[m], h, d, pos[m]] = qkv[m, 2 * E + h * D + d]
+            k[d] = qkv[m, E + h * D + d]
+            v[d] = qkv[m, 2 * E + h * D + d]
 
 
 @kernel
-def attention(qkv, seq, pos, k_cache, vt_cache, scale, out, scores):
-    """out[m, head h] = softmax(K[:n] @ q * scale) @ V[:n] with n = pos[m] + 1, all (row, head) pairs in parallel.
+def store_kv(qkv, seq, pos, k_cache, v_cache):
+    """Every row's key and value into the cache, one head per work item (a prompt on BLAS)."""
+    for h in prange(k_cache.shape[1]):
+        store_head(qkv, seq, pos, k_cache, v_cache, h)
 
-    qkv [M, 3E], seq/pos [M] int64, k_cache [S, H, C, D], vt_cache [S, H, D, C], scale float32,
-    out [M, E], scores [n_threads, C] scratch (one row per worker thread).
+
+@kernel
+def attention(qkv, seq, pos, k_cache, v_cache, scale, out, scores, first):
+    """Store every row's key and value (on the calling thread: a few rows), then for rows
+    m >= first: out[m, head h] = softmax(K[:n] @ q * scale) @ V[:n] with n = pos[m] + 1, all
+    (row, head) pairs in parallel.
+
+    qkv [M, 3E], seq/pos [M] int64, k_cache/v_cache [S, H, C, D], scale float32, out [M, E],
+    scores [n_threads, C] scratch (one row per worker thread).
     """
     M = qkv.shape[0]
     H, D = k_cache.shape[1], k_cache.shape[3]
-    for item in prange(M * H):
-        m = item // H
-        h = item - m * H
+    for h in range(H):
+        store_head(qkv, seq, pos, k_cache, v_cache, h)
+    for item in prange((M - first) * H):
+        m = first + item // H
+        h = item % H
         n = pos[m] + 1
         q = qkv[m, h * D : (h + 1) * D]
-        keys = k_cache[seq[m], h]
-        values_t = vt_cache[seq[m], h]
+        keys, values = k_cache[seq[m], h], v_cache[seq[m], h]
         att = scores[numba.get_thread_id(), :n]
-        t = 0
-        while t + 4 <= n:
-            s0, s1, s2, s3 = dot4(keys[t], keys[t + 1], keys[t + 2], keys[t + 3], q)
-            att[t], att[t + 1], att[t + 2], att[t + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-            t += 4
-        for rest in range(t, n):
-            att[rest] = dot(keys[rest], q) * scale
+        for t in range(n):
+            att[t] = dot(keys[t], q) * scale
         best = att.max()
         total = F32(0.0)
         for t in range(n):
@@ -74,14 +74,12 @@ def attention(qkv, seq, pos, k_cache, vt_cache, scale, out, scores):
             total += e
         inv = F32(1.0) / total
         o = out[m, h * D : (h + 1) * D]
-        d = 0
-        while d + 4 <= D:
-            v0, v1, v2, v3 = values_t[d, :n], values_t[d + 1, :n], values_t[d + 2, :n], values_t[d + 3, :n]
-            s0, s1, s2, s3 = dot4(v0, v1, v2, v3, att)
-            o[d], o[d + 1], o[d + 2], o[d + 3] = s0 * inv, s1 * inv, s2 * inv, s3 * inv
-            d += 4
-        for rest in range(d, D):
-            o[rest] = dot(values_t[rest, :n], att) * inv
+        o[:] = 0
+        for t in range(n):
+            p = att[t] * inv
+            v = values[t]
+            for d in range(D):
+                o[d] += p * v[d]
 
 
 @kernel

@@ -2,16 +2,17 @@
 
 from numba import prange
 
-from .jit import kernel
+from .formats import widen
+from .jit import strict_kernel
 
 
-@kernel
-def embed(ids, pos, wte, wpe, out):
-    """out[m] = wte[ids[m]] + wpe[pos[m]]. ids [M] int64, pos [M] int64, wte [V, E], wpe [P, E], out [M, E]."""
+@strict_kernel
+def embed(ids, pos, wte, scale, fmt, wpe, out):
+    """out[m] = wte[ids[m]] + wpe[pos[m]]. ids [M] int64, pos [M] int64, wte [V, E] in format fmt
+    (see formats.py), wpe [P, E] float32, out [M, E]."""
     M, E = out.shape
     for m in prange(M):
-        t = wte[ids[m]]
         p = wpe[pos[m]]
         o = out[m]
         for e in range(E):
-            o[e] = t[e] + p[e]
+            o[e] = widen(wte, scale, fmt, ids[m], e) + p[e]

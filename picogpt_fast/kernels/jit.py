@@ -17,6 +17,12 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 
 # A parallel kernel called from Python with preallocated output buffers.
 kernel = njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+# A parallel kernel whose sums must round every product first (no fused multiply-add), so that a
+# low-precision weight enters them as exactly the float32 value dtypes.dequantize gives.
+strict_kernel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+# Part of a kernel shared by several kernels, prange loops included: Numba inlines it into each
+# caller before parallelising, so its loops become the caller's parallel loops.
+kernel_part = njit(inline="always", cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A scalar helper called from kernels (LLVM inlines it).
 helper = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A helper whose operation order matters (range reductions, polynomials): contraction only. Its

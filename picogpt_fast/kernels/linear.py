@@ -1,96 +1,71 @@
-"""Matrix products for few rows: the linear layers (weights [in, out]) and the output projection
-(the embedding matrix [n_vocab, n_embd]).
+"""Matrix products for few rows: every linear layer and the output projection while decoding.
 
 Decoding multiplies one row per sequence by every weight matrix, so it is bound by memory
-bandwidth: each weight must be read once per step, at full speed. `linear` gives each thread one
-contiguous band of output columns and walks the weight rows k = 0..K-1, each thread reading its
-part of each row; a batch of M sequences is handled in the same walk, so the weights are read
-once per step for all of them. Every output sums its K products in the same order (k ascending,
-eight at a time) whatever M, the band it falls in and the thread count: a sequence decoded in a
-batch gets bitwise the logits it gets alone, on any number of threads.
+bandwidth: each weight must be read once per step, at full speed. Weights are stored [N, K], one row
+per output (formats.py), and `linear` gives each thread a contiguous range of output rows, which it
+reads front to back: one sequential stream per thread, the pattern memory serves fastest (measured:
+~30 GB/s on 2 cores where four interleaved row streams reach ~19). A batch of M sequences is handled
+in the same pass: each weight row, once read, is used for every sequence while it sits in L1.
 
-For prompts (many rows) a BLAS matrix-matrix product is faster; `engine.py` chooses.
+Every output is one dot product of a weight row and an input row, computed by one thread, in an
+order fixed by the code, whatever M, the row's position in the batch and the thread count: a
+sequence decoded in a batch gets bitwise the logits it gets alone, on any number of threads.
+
+For prompts (many rows) a BLAS matrix-matrix product is faster; `engine.py` chooses, and
+`dequantize` turns low-precision rows into float32 for it.
 """
 
-import numba
 from numba import prange
 
 from .activations import epilogue
-from .dot import dot, dot4
-from .jit import helper, kernel
-
-BAND = 64  # thread bands of columns start at multiples of this
-
-
-@kernel
-def linear(x, w, b, out, mode, scratch, bands):
-    """out = epilogue(x @ w + b). x [M, K], w [K, N], b [N], out [M, N], mode STORE/GELU/ADD,
-    scratch [n_threads, >= M * N] (each thread's accumulators), bands: the thread count (one band
-    of columns each; passed in because numba.get_num_threads() inside a kernel defeats caching)."""
-    N = w.shape[1]
-    band = -(-N // (bands * BAND)) * BAND
-    for t in prange(bands):
-        j0 = t * band
-        j1 = min(N, j0 + band)
-        if j0 < j1:
-            _band(x, w, b, out, mode, scratch[numba.get_thread_id()], j0, j1)
-
-
-@helper
-def _band(x, w, b, out, mode, scratch, j0, j1):
-    """Columns j0..j1 of linear() for every row."""
-    M, K = x.shape
-    n = j1 - j0
-    acc = scratch[: M * n].reshape((M, n))
-    acc[:, :] = 0
-    k = 0
-    while k + 8 <= K:  # eight weight rows per pass over the accumulators
-        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
-        w4, w5, w6, w7 = w[k + 4, j0:j1], w[k + 5, j0:j1], w[k + 6, j0:j1], w[k + 7, j0:j1]
-        m = 0
-        while m + 2 <= M:  # two input rows per pass share the weight loads (batched decoding)
-            x0, x1, x2, x3, x4, x5, x6, x7 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
-            y0, y1, y2, y3, y4, y5, y6, y7 = x[m + 1, k], x[m + 1, k + 1], x[m + 1, k + 2], x[m + 1, k + 3], x[m + 1, k + 4], x[m + 1, k + 5], x[m + 1, k + 6], x[m + 1, k + 7]
-            a, c = acc[m], acc[m + 1]
-            for j in range(n):
-                a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
-                c[j] += (y0 * w0[j] + y1 * w1[j] + y2 * w2[j] + y3 * w3[j]) + (y4 * w4[j] + y5 * w5[j] + y6 * w6[j] + y7 * w7[j])
-            m += 2
-        if m < M:  # the last row of an odd batch: the same sums alone
-            x0, x1, x2, x3, x4, x5, x6, x7 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
-            a = acc[m]
-            for j in range(n):
-                a[j] += (x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]) + (x4 * w4[j] + x5 * w5[j] + x6 * w6[j] + x7 * w7[j])
-        k += 8
-    for rest in range(k, K):
-        wk = w[rest, j0:j1]
-        for m in range(M):
-            xk = x[m, rest]
-            a = acc[m]
-            for j in range(n):
-                a[j] += xk * wk[j]
-    for m in range(M):
-        for j in range(n):
-            epilogue(out, m, j0 + j, acc[m, j] + b[j0 + j], mode)
+from .formats import row_dot, widen
+from .jit import kernel, kernel_part
+from .layernorm import norm_row
 
 
 @kernel
-def logits(x, wte, out):
-    """out = x @ wte.T: the output projection against the (tied) embedding matrix.
+def linear(x, w, scale, fmt, b, out, mode, bands):
+    """out = epilogue(x @ w.T + b).
 
-    x [M, E], wte [V, E], out [M, V]. Each work item owns four vocabulary rows (contiguous in
-    wte) and takes their dot products with every input row while they sit in cache.
+    x [M, K]; w [N, K] in format fmt (scale [N, ceil(K / GROUP)] for int8, else unused); b [N];
+    out [M, N]; mode STORE/GELU/ADD; the rows of w are split into `bands` contiguous bands, one per
+    thread (the thread count, passed in: numba.get_num_threads() inside a kernel defeats caching).
     """
+    _rows_times_weights(x, w, scale, fmt, b, out, mode, bands)
+
+
+@kernel
+def norm_linear(x, g, beta, eps, h, w, scale, fmt, b, out, mode, bands):
+    """h = layer_norm(x) (g, beta [K], eps), then out = epilogue(h @ w.T + b) as in `linear`: one
+    launch instead of two. The few rows of a decode step are normalised on the calling thread."""
+    for m in range(x.shape[0]):
+        norm_row(x[m], g, beta, eps, h[m])
+    _rows_times_weights(h, w, scale, fmt, b, out, mode, bands)
+
+
+@kernel_part
+def _rows_times_weights(x, w, scale, fmt, b, out, mode, bands):
     M = x.shape[0]
-    V = wte.shape[0]
-    v4 = V // 4
-    for blk in prange(v4 + V % 4):
-        if blk < v4:
-            j = 4 * blk
-            w0, w1, w2, w3 = wte[j], wte[j + 1], wte[j + 2], wte[j + 3]
+    N, K = w.shape
+    per = -(-N // bands)
+    # A batch takes each band's weight rows a few at a time, as many as fit in L1 (16 KiB), and
+    # multiplies them by every input row before moving on: every weight is read from memory once,
+    # and each input row stays in L1 while it meets those rows.
+    block = max(1, 16384 // (K * w.itemsize)) if M > 1 else per
+    for t in prange(bands):
+        end = min(N, (t + 1) * per)
+        for j0 in range(t * per, end, block):
             for m in range(M):
-                out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = dot4(w0, w1, w2, w3, x[m])
-        else:  # the last V % 4 rows, one each
-            j = 4 * v4 + (blk - v4)
-            for m in range(M):
-                out[m, j] = dot(wte[j], x[m])
+                xm = x[m]
+                for j in range(j0, min(end, j0 + block)):
+                    epilogue(out, m, j, row_dot(w, scale, fmt, j, xm) + b[j], mode)
+
+
+@kernel
+def dequantize(w, scale, fmt, j0, out):
+    """out[i] = row j0 + i of w as float32, for i < len(out). w [N, K] in format fmt, out [n, K]."""
+    n, K = out.shape
+    for i in prange(n):
+        o = out[i]
+        for k in range(K):
+            o[k] = widen(w, scale, fmt, j0 + i, k)
