@@ -78,8 +78,9 @@ def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> flo
 
 
 def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float:
-    """Bytes decoding reads per token: every weight but the embedding tables (one row each), the
-    output projection (the tied wte), and the KV cache at that context."""
+    """Bytes decoding reads per token from `weights` (EngineWeights, in their dtype): every weight
+    matrix and scale once, the output projection (the tied wte; an untied wte is read one row per
+    token), and the float32 KV cache at that context; the position table is read one row."""
     w = weights
     read = w.nbytes - w.wpe.nbytes - (0 if w.tied else w.wte.nbytes)
     return read + 2 * config.n_layer * config.n_embd * 4 * context
@@ -125,6 +126,7 @@ class Row:
     backend: str
     tokens: int
     seconds: list[float] = field(default_factory=list)
+    dtype: str = "float32"
 
     @property
     def median_s(self) -> float:
@@ -140,17 +142,19 @@ class Row:
         return (max(rates) - min(rates)) / 2
 
 
-def bench_model(model, name: str, config: GPT2Config, prompt_lengths, gen: int, reps: int, rng) -> list[Row]:
+def bench_model(model, name: str, config: GPT2Config, prompt_lengths, gen: int, reps: int, rng, dtype: str = "float32") -> list[Row]:
     """Every workload on `model` (anything with .session()): ppN for each length, tgN, ttft."""
     rows = []
     prompts = {n: rng.integers(0, config.n_vocab, n).tolist() for n in prompt_lengths}
     session = model.session(1, max(max(prompt_lengths), gen) + 1)
-    time_prefill(session, prompts[prompt_lengths[0]][:8])  # warm up (compiles on a cold cache)
+    for n in prompt_lengths:  # every path once first: compiling (a cold cache) and first touches are not timed
+        time_prefill(session, prompts[n])
+    time_decode(session, [0], 2)
     for n in prompt_lengths:
-        rows.append(Row(f"pp{n}", name, n, [time_prefill(session, prompts[n]) for _ in range(reps)]))
-    rows.append(Row(f"tg{gen}", name, gen, [time_decode(session, [int(rng.integers(config.n_vocab))], gen) for _ in range(reps)]))
+        rows.append(Row(f"pp{n}", name, n, [time_prefill(session, prompts[n]) for _ in range(reps)], dtype))
+    rows.append(Row(f"tg{gen}", name, gen, [time_decode(session, [int(rng.integers(config.n_vocab))], gen) for _ in range(reps)], dtype))
     n = prompt_lengths[0]
-    rows.append(Row(f"ttft (pp{n})", name, 1, [time_first_token(session, prompts[n]) for _ in range(reps)]))
+    rows.append(Row(f"ttft (pp{n})", name, 1, [time_first_token(session, prompts[n]) for _ in range(reps)], dtype))
     return rows
 
 
@@ -199,17 +203,22 @@ class TransformersSession(Session):
         return out.logits[0].numpy()
 
 
-def _model_for(spec: dict):
-    """(config, weights, label) for a bench spec: a model name/path, or a shape with seeded random weights."""
+def _model_for(spec: dict, dtype: str = "float32", backend: str = "numba"):
+    """(GPT2, label) for a bench spec: a model name/path (its weights through the cache), or a shape
+    with seeded random weights (converted in memory)."""
+    from .model import GPT2
     from .weights import random_weights
 
     if spec.get("model") is not None:
         from . import loader
 
         resolved = loader.resolve(spec["model"])
-        return resolved.config, loader.load_weights(resolved), str(spec["model"])
+        model = GPT2(resolved.config, loader.load_weights(resolved, dtype), backend=backend, threads=spec["threads"] if backend == "numba" else None)
+        return model, str(spec["model"])
     config = GPT2Config.from_shape(spec["shape"])
-    return config, random_weights(config, seed=spec.get("seed", 0), std=0.02), f"random weights, GPT-2 {spec['shape']} shape"
+    weights = random_weights(config, seed=spec.get("seed", 0), std=0.02)
+    model = GPT2(config, weights, backend=backend, dtype=dtype, threads=spec["threads"] if backend == "numba" else None)
+    return model, f"random weights, GPT-2 {spec['shape']} shape"
 
 
 def measure_in_subprocess(spec: dict, backend: str) -> dict:
@@ -231,38 +240,39 @@ def _child(spec: dict) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    config, weights, _ = _model_for(spec)
     if spec["backend"] == "transformers":
-        model = TransformersModel(config, weights, spec["threads"])
+        model, _ = _model_for(spec, backend="numpy")  # float32 weights in picoGPT's layout, no engine copy
+        model = TransformersModel(model.config, model.weights, spec["threads"])
         version = model.version
     else:
-        from .model import GPT2
-
-        model, version = GPT2(config, weights, threads=spec["threads"]), "picogpt-fast"
-    rows = bench_model(model, spec["backend"], config, spec["prompt_lengths"], spec["gen"], spec["reps"], np.random.default_rng(0))
+        model, version = _model_for(spec)[0], "picogpt-fast"
+    rows = bench_model(model, spec["backend"], model.config, spec["prompt_lengths"], spec["gen"], spec["reps"], np.random.default_rng(0))
     print(json.dumps({"version": version, "rows": [asdict(r) for r in rows]}))
 
 
-def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, out=sys.stdout) -> dict:
+def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, dtypes=("float32",), out=sys.stdout) -> dict:
     from . import threads as T
     from .errors import InvalidArgumentError
-    from .model import GPT2
 
     threads = T.check(threads)
     if not prompt_lengths or reps < 1 or gen < 1:
         raise InvalidArgumentError("bench needs at least one prompt length, --gen >= 1 and --reps >= 1")
     spec = {"model": model, "shape": shape, "seed": 0, "threads": threads, "prompt_lengths": prompt_lengths, "gen": gen, "reps": reps}
-    config, weights, label = _model_for(spec)
+    models = {dtype: _model_for(spec, dtype) for dtype in dtypes}
+    first, label = models[dtypes[0]]
+    config = first.config
     if any(n < 1 or n + 1 > config.n_ctx for n in prompt_lengths) or gen + 1 > config.n_ctx:
         raise InvalidArgumentError(f"prompt lengths and --gen must fit the context of {config.n_ctx} tokens")
-    rng = np.random.default_rng(0)
     result = {"model": label, "config": asdict(config), "machine": machine_info(threads)}
-    rows = bench_model(GPT2(config, weights, threads=threads), "numba", config, prompt_lengths, gen, reps, rng)
+    rows = []
+    for dtype, (engine, _) in models.items():
+        rows += bench_model(engine, "numba", config, prompt_lengths, gen, reps, np.random.default_rng(0), dtype)
     result["peak_rss_bytes"] = peak_rss_bytes()  # the engine's: weights, KV cache, buffers
     result["bandwidth_gb_s"] = measure_bandwidth(threads)
     if reference:
         ref_gen = min(gen, 16)  # the reference recomputes the whole sequence per token
-        rows += bench_model(GPT2(config, weights, backend="numpy"), "numpy", config, prompt_lengths, ref_gen, reps, rng)
+        reference_model = first.__class__(config, first.weights, backend="numpy")
+        rows += bench_model(reference_model, "numpy", config, prompt_lengths, ref_gen, reps, np.random.default_rng(0), first.dtype)
     if peers:
         try:
             import torch  # noqa: F401
@@ -271,29 +281,32 @@ def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fm
             result["peer"] = "transformers not installed (pip install '.[peers]')"
         else:
             peer = measure_in_subprocess(spec, "transformers")
-            result["peer"] = peer["version"] + " (measured in a separate process)"
+            result["peer"] = peer["version"] + " (float32, measured in a separate process)"
             rows += [Row(**r) for r in peer["rows"]]
-    result["weights_bytes"] = weights.nbytes
-    result["rows"] = _rows_json(rows, config, weights, gen, result["bandwidth_gb_s"])
+    result["weights_bytes"] = {dtype: m.engine_weights.nbytes for dtype, (m, _) in models.items()}
+    result["rows"] = _rows_json(rows, config, {dtype: m.engine_weights for dtype, (m, _) in models.items()}, result["bandwidth_gb_s"])
     _print(result, fmt, out)
     return result
 
 
-def _rows_json(rows: list[Row], config, weights, gen: int, bandwidth: float) -> list[dict]:
+def _rows_json(rows: list[Row], config, weights: dict, bandwidth: float) -> list[dict]:
     def key(r: Row) -> str:  # the reference decodes fewer tokens: compare time per token
         return "tg" if r.test.startswith("tg") else r.test
 
-    engine = {key(r): r for r in rows if r.backend == "numba"}
+    engine = {(key(r), r.dtype): r for r in rows if r.backend == "numba"}
     out = []
     for r in rows:
-        d = {"test": r.test, "backend": r.backend, "tokens": r.tokens, "median_ms": r.median_s * 1e3,
-             "tok_s": r.tok_s, "spread_tok_s": r.spread_tok_s, "reps": len(r.seconds), "numba_speedup": None}  # fmt: skip
-        if r.test.startswith("tg"):
-            gbs = decode_bytes_per_token(config, weights, 1 + r.tokens / 2) * r.tok_s / 1e9
+        d = {"test": r.test, "backend": r.backend, "dtype": r.dtype, "tokens": r.tokens, "median_ms": r.median_s * 1e3,
+             "tok_s": r.tok_s, "spread_tok_s": r.spread_tok_s, "reps": len(r.seconds), "numba_speedup": None, "vs_float32": None}  # fmt: skip
+        if r.test.startswith("tg") and r.dtype in weights and r.backend == "numba":
+            gbs = decode_bytes_per_token(config, weights[r.dtype], 1 + r.tokens / 2) * r.tok_s / 1e9
             d.update(gb_s=gbs, bandwidth_fraction=gbs / bandwidth)
-        e = engine.get(key(r))
+        e = engine.get((key(r), r.dtype))
         if r.backend != "numba" and e is not None:
             d["numba_speedup"] = (r.median_s / r.tokens) / (e.median_s / e.tokens)
+        base = engine.get((key(r), "float32"))
+        if r.backend == "numba" and r.dtype != "float32" and base is not None:
+            d["vs_float32"] = (base.median_s / base.tokens) / (r.median_s / r.tokens)
         out.append(d)
     return out
 
@@ -303,7 +316,7 @@ def _print(result: dict, fmt: str, out) -> None:
         out.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
     if fmt == "csv":
-        keys = ["test", "backend", "tokens", "median_ms", "tok_s", "spread_tok_s", "gb_s", "bandwidth_fraction", "numba_speedup", "reps"]
+        keys = ["test", "backend", "dtype", "tokens", "median_ms", "tok_s", "spread_tok_s", "gb_s", "bandwidth_fraction", "numba_speedup", "vs_float32", "reps"]
         out.write(",".join(keys) + "\n")
         for r in result["rows"]:
             out.write(",".join("" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
@@ -315,17 +328,19 @@ def _print(result: dict, fmt: str, out) -> None:
         f"BLAS {blas.get('internal_api')} {blas.get('version')} {blas.get('architecture')} kernels "
         f"(OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
     )
+    weights = ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in result["weights_bytes"].items())
     out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; engine peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
-              f"(weights {result['weights_bytes'] / 1e6:.0f} MB)\n")  # fmt: skip
+              f"(weights: {weights})\n")  # fmt: skip
     if "peer" in result:
         out.write(f"peer: {result['peer']}\n")
-    out.write("\n| test | backend | tok/s | ± | ms | numba speed-up | decode GB/s | % of bandwidth |\n")
-    out.write("|---|---|---:|---:|---:|---:|---:|---:|\n")
+    out.write("\n| test | backend | dtype | tok/s | ± | ms | numba speed-up | vs float32 | decode GB/s | % of bandwidth |\n")
+    out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in result["rows"]:
         speed = f"{r['numba_speedup']:.1f}x" if r["numba_speedup"] else ""
+        ratio = f"{r['vs_float32']:.2f}x" if r["vs_float32"] else ""
         gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if "gb_s" in r else ""
-        out.write(f"| {r['test']} | {r['backend']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {speed} | {gbs} | {frac} |\n")
+        out.write(f"| {r['test']} | {r['backend']} | {r['dtype']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {speed} | {ratio} | {gbs} | {frac} |\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ Examples:
   picogpt-fast tokenize "Hello world"            # 15496 995
   picogpt-fast tokenize --decode "15496 995"     # Hello world
   picogpt-fast score essay.txt --json
+  picogpt-fast score essay.txt --dtype int8 --against float32
+  picogpt-fast convert gpt2 --dtype int8 -o gpt2-int8
   picogpt-fast bench --shape 124M
   picogpt-fast warmup
 """
@@ -45,6 +47,12 @@ _backend_option = click.option(
     help="numba: the engine; numpy: picoGPT's reference math (slow, no KV cache).",
 )  # fmt: skip
 _threads_option = click.option("--threads", type=int, default=None, help="Threads for the engine and BLAS (default: all cores).")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+_dtype_option = click.option(
+    "--dtype", type=click.Choice(DTYPES), default=None,
+    help="Weight dtype: float32 (default; or the dtype of a folder written by `convert`), float16, bfloat16 or "
+    "int8 (one scale per 32 inputs). Converted once and cached (PICOGPT_FAST_CACHE).",
+)  # fmt: skip
 
 
 def _model_name(model: str, models_dir: str | None) -> str:
@@ -81,6 +89,7 @@ def cli():
 @_revision_option
 @click.option("-n", "--max-new-tokens", "--n_tokens_to_generate", "max_new_tokens", type=int, default=40, show_default=True, help="Number of tokens to generate (at most).")
 @_backend_option
+@_dtype_option
 @_threads_option
 @click.option("--echo", is_flag=True, help="Print the prompt before the continuation.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -98,7 +107,7 @@ def cli():
 @click.option("--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Prompts, one per line, generated as a batch.")
 @click.option("--jsonl", "jsonl_file", type=click.Path(dir_okay=False), default=None, help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.')
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, echo, temperature, top_k, top_p,
+def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, threads, echo, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ignore_eos, clip, stream, as_json, logprobs, prompt_file,
         jsonl_file, quiet):  # fmt: skip
     """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>)."""
@@ -125,7 +134,7 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, e
     prompt_ids = [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompts]
     for ids in prompt_ids:  # the context check comes before loading the weights
         validate.context(len(ids), max_new_tokens, resolved.config.n_ctx, clip)
-    gpt = _load(resolved, backend, threads, quiet)
+    gpt = _load(resolved, backend, dtype, threads, quiet)
 
     if stream:
         return _run_stream(gpt, prompt_ids[0], prompts[0], echo, max_new_tokens, sampling, stop, ignore_eos, clip, quiet)
@@ -145,7 +154,7 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, threads, e
                 record["timings"] = timings.as_dict()
             if logprobs:
                 record["logprobs"] = c.logprobs
-            click.echo(json.dumps(record, ensure_ascii=False))
+            click.echo(json.dumps(record, ensure_ascii=False, allow_nan=False))
         else:
             click.echo((prompts[i] if echo else "") + c.text)
 
@@ -222,13 +231,14 @@ def _resolve(model, models_dir, revision):
     return loader.resolve(_model_name(model, models_dir), revision=revision)
 
 
-def _load(resolved, backend, threads, quiet):
+def _load(resolved, backend, dtype, threads, quiet):
     from . import loader
     from .model import GPT2
 
     t0 = time.perf_counter()
-    gpt = GPT2(resolved.config, loader.load_weights(resolved), resolved.tokenizer, backend=backend, threads=threads)
-    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, backend {backend}) in {time.perf_counter() - t0:.2f} s")
+    gpt = GPT2(resolved.config, loader.load_weights(resolved, dtype), resolved.tokenizer, backend=backend, threads=threads)
+    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) "
+                 f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
     return gpt
 
 
@@ -264,11 +274,15 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
 @_models_dir_option
 @_revision_option
 @_backend_option
+@_dtype_option
 @_threads_option
+@click.option("--against", type=click.Choice(DTYPES), default=None,
+              help="Also run the model in this dtype (usually float32) and report the mean KL divergence from it "
+                   "and how often both rank the same token first.")  # fmt: skip
 @click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"}.')
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"} (and the comparison with --against).')
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def score(file, model, models_dir, revision, backend, threads, stride, as_json, quiet):
+def score(file, model, models_dir, revision, backend, dtype, threads, against, stride, as_json, quiet):
     """Mean negative log-likelihood and perplexity of FILE's text under the model."""
     import math
 
@@ -281,16 +295,47 @@ def score(file, model, models_dir, revision, backend, threads, stride, as_json, 
     ids = resolved.tokenizer.encode(text)
     if len(ids) < 2:
         raise InvalidArgumentError(f"{file} holds {len(ids)} token; scoring needs at least 2")
-    gpt = _load(resolved, backend, threads, quiet)
+    gpt = _load(resolved, backend, dtype, threads, quiet)
     t0 = time.perf_counter()
     logprobs = gpt.score(ids, stride=stride)
     scored = logprobs[~np.isnan(logprobs)]
+    if not np.isfinite(scored).all():
+        raise InvalidArgumentError("the model produced NaN or infinite log-probabilities; the checkpoint is probably corrupt (re-download it)")
     nll = float(-scored.mean())
     _info(quiet, f"scored {len(scored)} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
+    result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
+    if against is not None:
+        baseline = _load(resolved, backend, against, threads, quiet)
+        compared = gpt.divergence(baseline, ids, stride=stride)
+        if not math.isfinite(compared["kl_divergence"]):
+            raise InvalidArgumentError(f"the KL divergence from {against} is not finite; one of the two models produced NaN or infinite logits")
+        result.update(dtype=gpt.dtype, against=baseline.dtype, kl_divergence=compared["kl_divergence"], top1_agreement=compared["top1_agreement"])
     if as_json:
-        click.echo(json.dumps({"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}))
+        click.echo(json.dumps(result, allow_nan=False))
     else:
-        click.echo(f"tokens: {len(ids)} ({len(scored)} predicted)\nnll: {nll:.6f}\nperplexity: {math.exp(nll):.4f}")
+        lines = [f"tokens: {len(ids)} ({len(scored)} predicted)", f"nll: {nll:.6f}", f"perplexity: {math.exp(nll):.4f}"]
+        if against is not None:
+            lines += [f"kl_divergence from {against}: {result['kl_divergence']:.6g}", f"top1_agreement: {result['top1_agreement']:.4f}"]
+        click.echo("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- convert
+@cli.command()
+@click.argument("model")
+@_models_dir_option
+@_revision_option
+@click.option("--dtype", type=click.Choice(DTYPES), required=True, help="The weight dtype to store.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="A new folder to write.")
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+def convert(model, models_dir, revision, dtype, output, quiet):
+    """Write MODEL with its weights in DTYPE to a self-contained folder (weights, config, tokenizer),
+    which --model then loads directly."""
+    from . import loader
+
+    t0 = time.perf_counter()
+    out = loader.convert(_resolve(model, models_dir, revision), dtype, Path(output))
+    size = (out / "model.safetensors").stat().st_size
+    _info(quiet, f"wrote {out} ({dtype}, {size / 1e6:.0f} MB of weights) in {time.perf_counter() - t0:.2f} s")
 
 
 # --------------------------------------------------------------------------- warmup
@@ -309,6 +354,8 @@ def warmup(threads):
 @click.option("-m", "--model", "model", default=None, help="Hub id or local folder (default: random weights at --shape).")
 @click.option("--shape", type=click.Choice(["124M", "355M", "774M", "1558M"]), default=None, help="Random weights at this GPT-2 shape.")
 @_threads_option
+@click.option("--dtype", "dtypes", default="float32", show_default=True,
+              help="Weight dtypes to measure side by side, comma-separated (float32,float16,bfloat16,int8).")  # fmt: skip
 @click.option("--prompt", "prompt_lengths", default="64,512", show_default=True, help="Prompt lengths to prefill, comma-separated.")
 @click.option("--gen", "gen", type=int, default=128, show_default=True, help="Tokens to decode per run.")
 @click.option("--reps", type=int, default=3, show_default=True, help="Repetitions (median and spread are reported).")
@@ -316,7 +363,7 @@ def warmup(threads):
 @click.option("--peers", is_flag=True, help="Also time transformers with the same weights (pip install '.[peers]').")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
-def bench(model, shape, threads, prompt_lengths, gen, reps, reference, peers, as_json, as_csv):
+def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, peers, as_json, as_csv):
     """Prefill and decode speed, time to first token, memory and bandwidth, like llama-bench."""
     from .benchmark import run_bench
 
@@ -326,8 +373,13 @@ def bench(model, shape, threads, prompt_lengths, gen, reps, reference, peers, as
         lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
     except ValueError:
         raise InvalidArgumentError(f"--prompt takes comma-separated lengths, e.g. 64,512 (got {prompt_lengths!r})") from None
+    kinds = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in kinds:
+        if d not in DTYPES:
+            raise InvalidArgumentError(f"--dtype takes comma-separated dtypes among {', '.join(DTYPES)} (got {d!r})")
     run_bench(model=model, shape=shape or ("124M" if model is None else None), threads=threads, prompt_lengths=lengths,
-              gen=gen, reps=reps, reference=reference, peers=peers, fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
+              gen=gen, reps=reps, reference=reference, peers=peers, dtypes=kinds or ["float32"],
+              fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- entry point

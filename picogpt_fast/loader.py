@@ -71,3 +71,30 @@ def load_weights(model: Resolved, dtype: str | None = None) -> dtypes.EngineWeig
         checkpoint_files(model.folder), model.config, dtype,
         build=lambda: dtypes.prepare(load_checkpoint(model.folder, model.config).check(model.config), model.config, dtype),
     )  # fmt: skip
+
+
+def convert(model: Resolved, dtype: str, out: Path) -> Path:
+    """Write a self-contained folder with the model's weights in `dtype` (the engine's layout, see
+    dtypes.py), a config.json that records the conversion, and the tokenizer files. `resolve(out)`
+    and `load_weights` map it directly, with bitwise the weights of converting on the fly."""
+    import json
+    import shutil
+
+    dtype = dtype_for(model, dtype)
+    out = Path(out)
+    if out.resolve() == Path(model.folder).resolve():
+        raise CheckpointError(f"{out} is the model's own folder; convert into a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not an empty folder; choose a new folder")
+    weights = load_weights(model, dtype)
+    files = ModelFiles.of(model.folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write(out / "model.safetensors", weights, model.config, identity=None)
+        config = {**model.config.to_hf_dict(), CONVERTED_KEY: {"dtype": dtype, "format": int(cache.VERSION)}}
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(files.vocab, out / "vocab.json")
+        shutil.copyfile(files.merges, out / "merges.txt")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+    return out

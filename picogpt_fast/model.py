@@ -238,11 +238,35 @@ class GPT2:
         stride == n_ctx, the first token of each window has no context and is NaN (not scored).
         """
         ids = self._ids(ids)
+        out = np.full(max(len(ids) - 1, 0), np.nan)
+        for window, logits, first, end in self._windows(ids, stride):
+            targets = np.asarray(ids[first:end], dtype=np.int64)
+            out[first - 1 : end - 1] = token_logprobs(logits, targets)
+        return out
+
+    def divergence(self, baseline: "GPT2", ids: Sequence[int] | str, stride: int | None = None) -> dict:
+        """How far this model's next-token distributions are from `baseline`'s (typically this model
+        in float32) on the same text, over the tokens `score` scores: the mean KL(P_baseline || P_self)
+        in nats (what llama.cpp's `llama-perplexity --kl-divergence` reports) and the fraction of
+        positions where both put the same token first."""
+        if baseline.config != self.config:
+            raise InvalidArgumentError("divergence() compares two versions of one model; these configs differ")
+        ids = self._ids(ids)
+        kl, same, n = 0.0, 0, 0
+        for (_, theirs, _, _), (_, logits, _, _) in zip(baseline._windows(ids, stride), self._windows(ids, stride)):
+            p, q = log_softmax(theirs), log_softmax(logits)
+            kl += float(np.sum(np.exp(p) * (p - q)))
+            same += int(np.count_nonzero(p.argmax(-1) == q.argmax(-1)))
+            n += len(p)
+        return {"tokens": len(ids), "scored": n, "kl_divergence": kl / n, "top1_agreement": same / n}
+
+    def _windows(self, ids: list[int], stride: int | None):
+        """transformers' sliding windows over ids: (begin, logits predicting ids[first:end], first, end)
+        for each window, every scored token once (see score)."""
         n, n_ctx = len(ids), self.config.n_ctx
         if n < 2:
             raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
         stride = max(n_ctx // 2, 1) if stride is None else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
-        out = np.full(n - 1, np.nan)
         prev_end = 0
         session = self._session(1, min(n, n_ctx))
         for begin in range(0, n, stride):
@@ -250,12 +274,10 @@ class GPT2:
             first = max(prev_end, begin + 1)  # first token this window scores
             session.reset()
             logits = session.prefill(ids[begin:end], all_logits=True)
-            targets = np.asarray(ids[first:end], dtype=np.int64)
-            out[first - 1 : end - 1] = token_logprobs(logits[first - begin - 1 : end - begin - 1], targets)
+            yield begin, logits[first - begin - 1 : end - begin - 1], first, end
             prev_end = end
             if end == n:
                 break
-        return out
 
 
 def token_logprobs(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:

@@ -98,6 +98,21 @@ def test_linear_all_modes(dtype, M, N, Kd, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,Kd", [(1, 5, 36), (3, 130, 96), (17, 7, 33)])
+def test_norm_linear_is_layer_norm_then_linear(dtype, M, N, Kd, threads):
+    """The fused kernel: h = layer_norm(x) is written out, and out is bitwise what `linear` gives on h."""
+    (w, values), x, b = matrix(N, Kd, dtype), randn(M, Kd, scale=3) + F32(1), randn(N)
+    g, beta = randn(Kd), randn(Kd)
+    fmt = dtypes.DTYPES[dtype]
+    h, out, alone = np.empty((M, Kd), F32), np.empty((M, N), F32), np.empty((M, N), F32)
+    K.norm_linear(x, g, beta, F32(1e-5), h, w.data, w.scale, fmt, b, out, K.GELU, lanes())
+    np.testing.assert_allclose(h, R.layer_norm(x, g, beta, 1e-5), rtol=1e-5, atol=2e-5)
+    K.linear(h, w.data, w.scale, fmt, b, alone, K.GELU, lanes())
+    assert np.array_equal(out, alone)
+    np.testing.assert_allclose(out, gelu64(h.astype(np.float64) @ values.T.astype(np.float64) + b), rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_output_projection_shape(dtype, threads):
     """The output projection is `linear` over the vocabulary rows (no bias)."""
     (wte, values), x = matrix(50257, 36, dtype), randn(3, 36)

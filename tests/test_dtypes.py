@@ -1,0 +1,212 @@
+"""Weight dtypes: the conversions, the engine's contract in every dtype, the weights cache and
+`picogpt-fast convert`.
+
+The engine in a low-precision dtype is checked against the NumPy reference running on the values
+those weights stand for (dtypes.dequantize), so the comparison isolates the kernels from the
+quantization error; the quantization error itself is measured against float32 (KL divergence).
+"""
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from picogpt_fast import GPT2, dtypes
+from picogpt_fast.errors import CheckpointError, InvalidArgumentError
+
+from .test_engine import LOGIT_TOL, TIE_GAP, decode_logits, prompts
+
+LOW = ["float16", "bfloat16", "int8"]
+rng = np.random.default_rng(7)
+
+
+# --------------------------------------------------------------------------- conversions
+def test_int8_groups_are_symmetric_with_one_scale_per_32_inputs():
+    w = rng.standard_normal((5, 70)).astype(np.float32)  # 70 = 2 full groups and a partial one
+    w[1, 32:64] = 0  # an all-zero group
+    m = dtypes.convert(w, "int8", "w")
+    assert m.data.dtype == np.int8 and m.data.shape == (5, 70) and m.scale.shape == (5, 3)
+    groups = [slice(0, 32), slice(32, 64), slice(64, 70)]
+    for g, cols in enumerate(groups):
+        np.testing.assert_allclose(m.scale[:, g], np.abs(w[:, cols]).max(axis=1) / 127, rtol=1e-6)
+        assert np.abs(m.data[:, cols]).max() == 127 or not w[:, cols].any()
+    assert m.scale[1, 1] == 0 and not m.data[1, 32:64].any()
+    err = np.abs(dtypes.dequantize(m, "int8") - w)
+    assert np.all(err <= np.repeat(m.scale, 32, axis=1)[:, :70] / 2 * (1 + 1e-6))  # round to nearest
+
+
+def test_half_conversions_round_to_nearest():
+    w = rng.standard_normal((3, 50)).astype(np.float32)
+    np.testing.assert_array_equal(dtypes.dequantize(dtypes.convert(w, "float16", "w"), "float16"), w.astype(np.float16).astype(np.float32))
+    bf = dtypes.dequantize(dtypes.convert(w, "bfloat16", "w"), "bfloat16")
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(w))) - 8)  # bfloat16 keeps 8 significant bits
+    assert np.all(np.abs(bf - w) <= half_ulp)
+    assert (bf.view(np.uint32) & 0xFFFF == 0).all()
+
+
+def test_conversions_refuse_values_they_cannot_hold():
+    with pytest.raises(CheckpointError, match="beyond float16's range"):
+        dtypes.convert(np.array([[1e5, 0]], np.float32), "float16", "h.3.mlp.c_fc.weight")
+    for dtype in LOW:
+        with pytest.raises(CheckpointError, match="NaN or infinite weights and cannot be converted"):
+            dtypes.convert(np.array([[np.nan, 0]], np.float32), dtype, "wte")
+
+
+# --------------------------------------------------------------------------- the engine in every dtype
+@pytest.fixture(scope="module")
+def pairs(model_dir):
+    """dtype -> (engine, reference on the dequantized weights), from the same checkpoint."""
+    made = {}
+    for dtype in LOW:
+        engine = GPT2.from_pretrained(model_dir("odd"), dtype=dtype)
+        made[dtype] = (engine, GPT2(engine.config, engine.weights, engine.tokenizer, backend="numpy"))
+    return made
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_logits_and_greedy_ids_match_the_reference(pairs, dtype):
+    eng, ref = pairs[dtype]
+    assert eng.dtype == dtype and eng.engine_weights.attn_w.data.dtype == dtypes.STORAGE[dtype]
+    worst = 0.0
+    for ids in prompts(5, eng.config.n_ctx, seed=1) + [list(range(eng.config.n_ctx))]:  # short, BLAS-sized, full
+        worst = max(worst, float(np.abs(eng.forward(ids) - ref.forward(ids)).max()))
+    print(f"{dtype}: max |engine - reference on the dequantized weights| = {worst:.2e}")
+    assert worst < LOGIT_TOL
+    compared = 0
+    for ids in prompts(12, eng.config.n_ctx, seed=2):
+        new = eng.generate(ids, 16, stop_at_eos=False)
+        for t in range(16):
+            logits = ref.forward(ids + new[:t])[-1]
+            top2 = np.sort(logits)[-2:]
+            if top2[1] - top2[0] < TIE_GAP:
+                break
+            assert new[t] == int(np.argmax(logits))
+            compared += 1
+    assert compared >= 0.7 * 12 * 16  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_kv_cache_batches_and_threads_are_bitwise_invariant(pairs, dtype):
+    eng, _ = pairs[dtype]
+    ids = prompts(1, eng.config.n_ctx, seed=3)[0][:1] * 20  # a prompt through BLAS, then decoding
+    new, cached = decode_logits(eng, ids, 12)
+    np.testing.assert_allclose(cached, eng.forward(ids + new)[len(ids) - 1 : -1], atol=1e-4, rtol=0)
+    one = GPT2(eng.config, eng.engine_weights, eng.tokenizer, threads=1)
+    assert np.array_equal(decode_logits(one, ids, 12)[1], cached)
+    batch = [[5, 6, 7], [100], [9, 8, 7, 6]]
+    assert eng.generate_batch(batch, 10, stop_at_eos=False) == [eng.generate(p, 10, stop_at_eos=False) for p in batch]
+
+
+def test_quantization_error_is_measured_against_float32(model_dir):
+    """KL(float32 || dtype) on a text: zero against itself, small for float16, larger for int8."""
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom."
+    base = GPT2.from_pretrained(model_dir("odd"))
+    same = base.divergence(base, text)
+    assert same["kl_divergence"] == 0 and same["top1_agreement"] == 1 and same["scored"] == len(base.tokenizer.encode(text)) - 1
+    kl = {d: GPT2.from_pretrained(model_dir("odd"), dtype=d).divergence(base, text)["kl_divergence"] for d in LOW}
+    print("mean KL divergence from float32:", kl)
+    assert 0 < kl["float16"] < kl["bfloat16"] < kl["int8"] < 0.5
+
+
+# --------------------------------------------------------------------------- the weights cache
+def entries(cache):
+    return sorted(p.name for p in cache.glob("*.safetensors"))
+
+
+def test_cache_is_built_once_then_mapped(model_dir, weights_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path))
+    folder = model_dir("small")
+    before = sorted(os.listdir(folder))
+    a = GPT2.from_pretrained(folder, dtype="int8")
+    assert entries(tmp_path) and entries(tmp_path)[0].endswith("-int8.safetensors")
+    mtime = (tmp_path / entries(tmp_path)[0]).stat().st_mtime_ns
+    b = GPT2.from_pretrained(folder, dtype="int8")
+    assert (tmp_path / entries(tmp_path)[0]).stat().st_mtime_ns == mtime  # mapped, not rebuilt
+    assert not b.engine_weights.attn_w.data.flags.writeable and not b.engine_weights.attn_w.data.flags.owndata
+    assert np.array_equal(a.forward([1, 2, 3]), b.forward([1, 2, 3]))
+    assert sorted(os.listdir(folder)) == before  # nothing is written into the model's folder
+
+
+def test_stale_and_corrupt_entries_are_rebuilt(model_dir, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in os.listdir(model_dir("small")):
+        (folder / f).write_bytes((model_dir("small") / f).read_bytes())
+    want = GPT2.from_pretrained(folder, dtype="float16").forward([4, 5])
+    entry = next((tmp_path / "cache").glob("*.safetensors"))
+    data = bytearray(entry.read_bytes())
+    entry.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    assert np.array_equal(GPT2.from_pretrained(folder, dtype="float16").forward([4, 5]), want)
+    assert "rebuilding the cached float16 weights" in capfd.readouterr().err
+    os.utime(folder / "model.safetensors", ns=(1, 1))  # the checkpoint changed since the entry was made
+    GPT2.from_pretrained(folder, dtype="float16")
+    assert "converted from another version of the checkpoint" in capfd.readouterr().err
+    assert len(entries(tmp_path / "cache")) == 1  # replaced in place, no garbage
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="covered as an unprivileged user in test_environments.py")
+def test_unwritable_cache_falls_back_to_memory(model_dir, tmp_path, monkeypatch, capfd):  # pragma: no cover
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(locked / "cache"))
+    m = GPT2.from_pretrained(model_dir("small"), dtype="int8")
+    assert "converted weights stay in memory" in capfd.readouterr().err
+    assert m.generate([1, 2], 3, stop_at_eos=False)
+
+
+def test_unwritable_cache_path_falls_back_to_memory(model_dir, tmp_path, monkeypatch, capfd):
+    """A cache 'directory' that is a file cannot be written by anyone, root included."""
+    (tmp_path / "not-a-dir").write_text("x")
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path / "not-a-dir" / "cache"))
+    m = GPT2.from_pretrained(model_dir("small"), dtype="int8")
+    err = capfd.readouterr().err
+    assert "converted weights stay in memory" in err and len(err.strip().splitlines()) == 1
+    assert len(m.generate([1, 2], 3, stop_at_eos=False)) == 3
+
+
+# --------------------------------------------------------------------------- convert
+def test_convert_writes_a_folder_that_loads_bitwise_as_on_the_fly(cli, model_dir, tmp_path):
+    out = tmp_path / "small-int8"
+    code, _, err = cli("convert", model_dir("small"), "--dtype", "int8", "-o", out)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert json.loads((out / "config.json").read_text())["picogpt_fast"]["dtype"] == "int8"
+    converted, on_the_fly = GPT2.from_pretrained(out), GPT2.from_pretrained(model_dir("small"), dtype="int8")
+    assert converted.dtype == "int8"
+    ids = list(range(30))
+    assert np.array_equal(converted.forward(ids), on_the_fly.forward(ids))
+    assert converted.generate("Hello", 8) == on_the_fly.generate("Hello", 8)
+    code, out_text, _ = cli("run", "Hello", "--model", out, "-n", 4, "-q")
+    assert code == 0 and out_text == converted.tokenizer.decode(converted.generate("Hello", 4)) + "\n"
+
+
+def test_convert_and_dtype_errors(cli, model_dir, tmp_path):
+    out = tmp_path / "f16"
+    assert cli("convert", model_dir("small"), "--dtype", "float16", "-o", out)[0] == 0
+    code, _, err = cli("convert", model_dir("small"), "--dtype", "int8", "-o", out)
+    assert code == 1 and "already exists" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("run", "hi", "--model", out, "--dtype", "int8")
+    assert code == 1 and "holds float16 weights converted by picogpt-fast" in err
+    code, _, err = cli("run", "hi", "--model", model_dir("small"), "--dtype", "int4")
+    assert code == 2 and "int4" in err
+    with pytest.raises(InvalidArgumentError, match="unknown dtype 'fp8'"):
+        GPT2.from_pretrained(model_dir("small"), dtype="fp8")
+    (out / "model.safetensors").write_bytes(b"garbage")
+    code, _, err = cli("run", "hi", "--model", out)
+    assert code == 1 and "not a valid safetensors file" in err
+
+
+def test_cli_score_against(cli, model_dir, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("It was the best of times, it was the worst of times.", encoding="utf-8")
+    code, out, err = cli("score", f, "--model", model_dir("small"), "--dtype", "int8", "--against", "float32", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(r) == {"tokens", "nll", "perplexity", "dtype", "against", "kl_divergence", "top1_agreement"}
+    assert r["dtype"] == "int8" and r["against"] == "float32" and r["kl_divergence"] > 0 and 0 < r["top1_agreement"] <= 1
+    code, out, _ = cli("score", f, "--model", model_dir("small"), "--against", "float32", "--json")
+    assert code == 0 and json.loads(out)["kl_divergence"] == 0
