@@ -30,6 +30,10 @@ HF_DEFAULTS = {
 # Both are the tanh approximation of GELU that GPT-2 was trained with (picoGPT's `gelu`).
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
+# Bounds far above any GPT-2-architecture model (gpt2-xl: 50257, 1024, 1600, 25, 48, 6400); a
+# config beyond them is corrupt, and would otherwise fail later as an allocation of absurd size.
+LIMITS = {"n_vocab": 1 << 24, "n_ctx": 1 << 20, "n_embd": 1 << 16, "n_head": 1 << 12, "n_layer": 1 << 12, "n_inner": 1 << 18}
+
 # picoGPT's model sizes, with the shapes OpenAI published.
 SHAPES = {
     "124M": dict(n_embd=768, n_layer=12, n_head=12),
@@ -52,10 +56,10 @@ class GPT2Config:
     def __post_init__(self):
         for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config key {key}={value!r} must be a positive integer")
-        if isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int) or self.n_inner < 0:
-            raise ConfigError(f"config key n_inner={self.n_inner!r} must be a positive integer or null")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS[key]:
+                raise ConfigError(f"config key {key}={_short(value)} must be an integer between 1 and {LIMITS[key]}")
+        if isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int) or not 0 <= self.n_inner <= LIMITS["n_inner"]:
+            raise ConfigError(f"config key n_inner={_short(self.n_inner)} must be a positive integer (at most {LIMITS['n_inner']}) or null")
         if self.n_inner == 0:
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
         if self.n_embd % self.n_head:
@@ -64,8 +68,8 @@ class GPT2Config:
                 "GPT-2 attention needs n_embd to be a multiple of n_head"
             )
         eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError(f"config key layer_norm_epsilon={eps!r} must be a positive number")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"config key layer_norm_epsilon={_short(eps)} must be a number between 0 and 1")
         object.__setattr__(self, "layer_norm_epsilon", float(eps))
 
     @property
@@ -87,7 +91,7 @@ class GPT2Config:
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ConfigError(
-                f"{source}: model_type={model_type!r} is not a GPT-2 model; picogpt-fast runs GPT-2 "
+                f"{source}: model_type={_short(model_type)} is not a GPT-2 model; picogpt-fast runs GPT-2 "
                 "architecture checkpoints only (model_type 'gpt2')"
             )
         c = {**HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
@@ -96,7 +100,7 @@ class GPT2Config:
         act = c["activation_function"]
         if act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
-                f"{source}: activation_function={act!r} is not supported; picogpt-fast computes "
+                f"{source}: activation_function={_short(act)} is not supported; picogpt-fast computes "
                 f"GPT-2's tanh GELU only ({' or '.join(SUPPORTED_ACTIVATIONS)})"
             )
         for key, wanted in (
@@ -106,7 +110,7 @@ class GPT2Config:
         ):
             if bool(c[key]) != wanted:
                 raise ConfigError(
-                    f"{source}: {key}={c[key]!r} is not supported; picogpt-fast computes GPT-2 "
+                    f"{source}: {key}={_short(c[key])} is not supported; picogpt-fast computes GPT-2 "
                     f"attention with {key}={wanted}"
                 )
         return cls(
@@ -141,9 +145,12 @@ class GPT2Config:
         """Read config.json (Hugging Face) or hparams.json (OpenAI / picoGPT)."""
         path = Path(path)
         d = read_json(path, ConfigError)
-        if path.name == "hparams.json":
-            return cls.from_hparams(d, source=str(path))
-        return cls.from_hf_dict(d, source=str(path))
+        try:
+            if path.name == "hparams.json":
+                return cls.from_hparams(d, source=str(path))
+            return cls.from_hf_dict(d, source=str(path))
+        except ConfigError as e:  # name the file in every message
+            raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
     @classmethod
     def from_shape(cls, name: str) -> "GPT2Config":
@@ -167,3 +174,8 @@ class GPT2Config:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "activation_function": "gelu_new",
         }
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -14,6 +14,7 @@ The embedding / output projection is converted too; positions, layer norms and b
 `prepare` converts GPT2Weights (what loaders read) into EngineWeights; `to_reference` goes back to
 picoGPT's layout in float32 (the dequantized values), so that the NumPy reference computes exactly
 the model the engine runs. `tensors()` / `from_tensors()` are the on-disk form (cache.py, convert).
+This module imports no Numba: commands that do not run the engine stay quick to start.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import numpy as np
 from . import tensors
 from .config import GPT2Config
 from .errors import CheckpointError
-from .kernels.formats import BF16, F16, F32_FORMAT, GROUP, I8
 from .weights import GPT2Weights, LayerWeights
 
 F32 = np.float32
+# The format codes the kernels dispatch on (kernels/formats.py), and int8's inputs per scale.
+F32_FORMAT, F16, BF16, I8 = 0, 1, 2, 3
+GROUP = 32  # measured: README, "Weight dtypes"
 DTYPES = {"float32": F32_FORMAT, "float16": F16, "bfloat16": BF16, "int8": I8}
 STORAGE = {"float32": np.dtype(F32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 FLOAT16_MAX = 65504.0

@@ -12,9 +12,12 @@ prompt is many rows of one sequence (prefill); a decode step is one row per acti
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
+from typing import NamedTuple
 
+from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 import numba
 import numpy as np
 
@@ -22,7 +25,7 @@ from . import kernels as K
 from . import threads as T
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix
-from .errors import ConcurrencyError
+from .errors import ConcurrencyError, PicoGPTError
 from .session import Session
 
 F32 = np.float32
@@ -81,6 +84,26 @@ def parallel_region():
 
 
 # ----------------------------------------------------------------------------- backend
+class Linear(NamedTuple):
+    """One weight matrix as the kernels take it: rows [N, K] in the weights' dtype, int8 scales (an
+    empty array otherwise), bias [N]."""
+
+    w: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+
+
+class Block(NamedTuple):
+    """One transformer block's weights, views into the stacked EngineWeights."""
+
+    ln_1: tuple[np.ndarray, np.ndarray]  # gain, shift [E]
+    attn: Linear  # [3E, E]
+    attn_proj: Linear  # [E, E]
+    ln_2: tuple[np.ndarray, np.ndarray]
+    fc: Linear  # [F, E]
+    mlp_proj: Linear  # [E, F]
+
+
 class NumbaBackend:
     """backend="numba": the weights (read-only, shared by all sessions) and the thread count."""
 
@@ -90,10 +113,29 @@ class NumbaBackend:
         self.config = config
         self.weights = weights
         self.threads = T.check(threads)
+        try:
+            threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
+        except ValueError as e:  # numba: "No threading layer could be loaded."
+            raise PicoGPTError(
+                f"Numba could not load a threading layer ({str(e).splitlines()[0]}); install the one "
+                f"NUMBA_THREADING_LAYER={os.environ.get('NUMBA_THREADING_LAYER', 'default')!r} names (tbb: pip install tbb) or unset it"
+            ) from None
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
-        self.no_bias = np.zeros(config.n_vocab, F32)  # the output projection has none
-        self.no_bias.flags.writeable = False
+        self.fmt = weights.fmt
+        w = weights
+
+        def linear(m: Matrix, bias, i: int) -> Linear:
+            return Linear(*m.layer(i), bias[i])
+
+        self.blocks = [
+            Block((w.ln_1_g[i], w.ln_1_b[i]), linear(w.attn_w, w.attn_b, i), linear(w.attn_proj_w, w.attn_proj_b, i),
+                  (w.ln_2_g[i], w.ln_2_b[i]), linear(w.fc_w, w.fc_b, i), linear(w.mlp_proj_w, w.mlp_proj_b, i))
+            for i in range(config.n_layer)
+        ]  # fmt: skip
+        no_bias = np.zeros(config.n_vocab, F32)  # the output projection has none
+        no_bias.flags.writeable = False
+        self.ln_f, self.head = (w.ln_f_g, w.ln_f_b), Linear(w.lm_head.data, w.lm_head.scale, no_bias)
 
     def session(self, n_seq: int = 1, capacity: int = 0) -> "NumbaSession":
         return NumbaSession(self, n_seq, capacity)
@@ -178,23 +220,23 @@ class NumbaSession(Session):
 
     # ------------------------------------------------------------------ the forward pass
     def _forward_rows(self, ids, seq, pos, blas: bool, all_logits: bool) -> np.ndarray:
-        b, c, w, s = self.backend, self.config, self.backend.weights, self.state
+        b, w, s = self.backend, self.backend.weights, self.state
         n = len(ids)
         x, h, qkv, att, ff = s.x[:n], s.h[:n], s.qkv[:n], s.att[:n], s.ff[:n]
-        K.embed(ids, pos, w.wte.data, w.wte.scale, w.fmt, w.wpe, x)  # [n] -> [n, E]
-        for i in range(c.n_layer):
+        K.embed(ids, pos, w.wte.data, w.wte.scale, b.fmt, w.wpe, x)  # [n] -> [n, E]
+        for i, block in enumerate(b.blocks):
             # The last-layer shortcut: once every row's key and value are cached, only the last row
             # matters when only its logits are wanted, so the rest of the last block runs on it alone.
-            first = n - 1 if i == c.n_layer - 1 and not all_logits else 0
-            self._linear(x, w.attn_w, i, w.attn_b[i], qkv, K.STORE, blas, norm=(w.ln_1_g[i], w.ln_1_b[i], h))  # [n, E] -> [n, 3E]
+            first = n - 1 if i == len(b.blocks) - 1 and not all_logits else 0
+            self._linear(x, block.attn, qkv, K.STORE, blas, norm=block.ln_1, h=h)  # [n, E] -> [n, 3E]
             self._attention(i, qkv, seq, pos, att, blas, first)  # [n, 3E] -> [n, E], keys and values cached
             x, h, att, ff, blas = x[first:], h[first:], att[first:], ff[first:], blas and n - first > 1
-            self._linear(att, w.attn_proj_w, i, w.attn_proj_b[i], x, K.ADD, blas)  # x += [n, E] @ [E, E]
-            self._linear(x, w.fc_w, i, w.fc_b[i], ff, K.GELU, blas, norm=(w.ln_2_g[i], w.ln_2_b[i], h))  # [n, E] -> [n, F]
-            self._linear(ff, w.mlp_proj_w, i, w.mlp_proj_b[i], x, K.ADD, blas)  # x += [n, F] @ [F, E]
+            self._linear(att, block.attn_proj, x, K.ADD, blas)  # x += [n, E] @ [E, E]
+            self._linear(x, block.fc, ff, K.GELU, blas, norm=block.ln_2, h=h)  # [n, E] -> [n, F]
+            self._linear(ff, block.mlp_proj, x, K.ADD, blas)  # x += [n, F] @ [F, E]
         logits = s.logits[: len(x)]
         with T.scope(b.threads):  # the output projection on the engine's threads (a prompt's last row too)
-            self._linear(x, w.lm_head, None, b.no_bias, logits, K.STORE, blas, norm=(w.ln_f_g, w.ln_f_b, h))  # [n, E] -> [n, V]
+            self._linear(x, b.head, logits, K.STORE, blas, norm=b.ln_f, h=h)  # [n, E] -> [n, V]
         return logits
 
     def _attention(self, i: int, qkv, seq, pos, att, blas: bool, first: int) -> None:
@@ -206,36 +248,34 @@ class NumbaSession(Session):
         else:
             K.attention(qkv, seq, pos, k_cache, v_cache, self.backend.scale, att, self.state.scores, first)
 
-    def _linear(self, x, matrix: Matrix, layer: int | None, bias, out, mode, blas: bool, norm=None) -> None:
-        """out = epilogue(xn @ W.T + bias), W = matrix (or its layer `layer`), xn = layer_norm(x) into
-        norm[2] when norm = (gain, shift, buffer) is given, else x. The Numba kernel for few rows (one
-        launch, layer norm included); BLAS for many, on float32 blocks of the weights (converted here
-        unless float32)."""
-        w, scale = matrix.layer(layer) if layer is not None else (matrix.data, matrix.scale)
-        fmt = self.backend.weights.fmt
+    def _linear(self, x, lin: Linear, out, mode, blas: bool, norm=None, h=None) -> None:
+        """out = epilogue(xn @ W.T + bias) for lin = (W, scale, bias), xn = layer_norm(x) written into
+        h when norm = (gain, shift) is given, else x. The Numba kernel for few rows (one launch, layer
+        norm included); BLAS for many, on float32 blocks of the weights (converted here unless
+        float32)."""
+        fmt = self.backend.fmt
         if not blas:
             bands = numba.get_num_threads()
             if norm is None:
-                K.linear(x, w, scale, fmt, bias, out, mode, bands)
+                K.linear(x, lin.w, lin.scale, fmt, lin.bias, out, mode, bands)
             else:
-                K.norm_linear(x, norm[0], norm[1], self.backend.eps, norm[2][: len(x)], w, scale, fmt, bias, out, mode, bands)
+                K.norm_linear(x, norm[0], norm[1], self.backend.eps, h, lin.w, lin.scale, fmt, lin.bias, out, mode, bands)
             return
         if norm is not None:
-            xn = norm[2][: len(x)]
-            K.layer_norm(x, norm[0], norm[1], self.backend.eps, xn)
-            x = xn
-        rows, (N, Kd) = x.shape[0], w.shape
+            K.layer_norm(x, norm[0], norm[1], self.backend.eps, h)
+            x = h
+        rows, (N, Kd) = x.shape[0], lin.w.shape
         step = N if fmt == K.F32_FORMAT else max(1, DEQUANT_BLOCK // Kd)
         for j0 in range(0, N, step):
             j1 = min(N, j0 + step)
             if fmt == K.F32_FORMAT:
-                block = w[j0:j1]
+                block = lin.w[j0:j1]
             else:
                 block = self.state.dequantized((j1 - j0) * Kd).reshape(j1 - j0, Kd)
-                K.dequantize(w, scale, fmt, j0, block)
+                K.dequantize(lin.w, lin.scale, fmt, j0, block)
             y = out if (mode == K.STORE and j1 - j0 == N) else self.state.blas_out[: rows * (j1 - j0)].reshape(rows, j1 - j0)
             np.matmul(x, block.T, out=y)  # [rows, K] @ [K, j1 - j0]
-            K.bias_epilogue(y, bias, out, mode, j0)
+            K.bias_epilogue(y, lin.bias, out, mode, j0)
 
     def _attention_blas(self, k_cache, v_cache, seq, pos, qkv, att) -> None:
         """Attention for a prompt of one sequence as BLAS products per head and block of rows:

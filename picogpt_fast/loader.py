@@ -46,6 +46,8 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Res
             converted = marker.get("dtype") if isinstance(marker, dict) else None
             if converted not in dtypes.DTYPES:
                 raise ConfigError(f"{files.config}: {CONVERTED_KEY}={marker!r} does not name a weight dtype; convert the model again")
+    # A tokenizer larger than the model's vocabulary is allowed (test models use GPT-2's tokenizer
+    # with fewer ids); a prompt with an id the model lacks is refused at the session's door.
     return Resolved(folder, config, Tokenizer.from_files(files.vocab, files.merges), converted)
 
 

@@ -16,6 +16,10 @@ import numpy as np
 from . import validate
 
 
+# A penalty beyond these would push float32 logits past float32's range; no useful penalty is near them.
+PENALTY_RANGE = (1e-6, 1e6)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -34,8 +38,8 @@ class SamplingParams:
             raise v.invalid("top_p", self.top_p, "must be in (0, 1] (1 means off)")
         if not 0 <= v.real("min_p", self.min_p) <= 1:
             raise v.invalid("min_p", self.min_p, "must be in [0, 1] (0 means off)")
-        if v.real("repetition_penalty", self.repetition_penalty) <= 0:
-            raise v.invalid("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
+        if not PENALTY_RANGE[0] <= v.real("repetition_penalty", self.repetition_penalty) <= PENALTY_RANGE[1]:
+            raise v.invalid("repetition_penalty", self.repetition_penalty, f"must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 means off)")
         if self.seed is not None:
             v.integer("seed", self.seed, 0, rule="must be a non-negative integer")
 
@@ -61,7 +65,9 @@ def distribution(logits: np.ndarray, params: SamplingParams, history=()) -> tupl
     Returns (token ids, probabilities summing to 1). Only top-p needs tokens in order, and only
     as many as its nucleus holds, so at most that head of the vocabulary is sorted.
     """
-    z = apply_repetition_penalty(logits, history, params.repetition_penalty).astype(np.float64) / params.temperature
+    z = apply_repetition_penalty(logits, history, params.repetition_penalty).astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature tends exactly to greedy: the rest -> -inf
+        z = (z - z.max()) / params.temperature
     ids = np.arange(len(z))
     if 0 < params.top_k < len(z):
         ids = np.argpartition(-z, params.top_k - 1)[: params.top_k]

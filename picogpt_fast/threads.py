@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 import numba
 
 from . import validate

@@ -28,6 +28,9 @@ SPECIAL_TOKENS = (ENDOFTEXT,)
 # O(n^2) rescans of OpenAI's loop, so that a 100 kB run without spaces does not stall.
 _HEAP_MERGE_MIN_LEN = 48
 _CACHE_MAX = 200_000
+# Tokenizer files beyond these are not GPT-2 tokenizers (GPT-2's: 1 MB, 50257 tokens).
+MAX_FILE_BYTES = 100 * 1024 * 1024
+MAX_VOCAB = 1 << 24
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -57,10 +60,10 @@ class Tokenizer:
         self._token_bytes: list[bytes | None] = [None] * self.n_vocab
         for token, i in vocab.items():
             latin1 = token.translate(from_alphabet)
-            if latin1.translate(self._byte_alphabet) == token:  # every character is in the alphabet
-                self._token_bytes[i] = latin1.encode("latin-1")
+            if latin1.isascii() or (max(latin1) < "\u0100" and latin1.translate(self._byte_alphabet) == token):
+                self._token_bytes[i] = latin1.encode("latin-1")  # every character is in GPT-2's byte alphabet
             else:  # an added token written in plain text
-                self._token_bytes[i] = token.encode("utf-8")
+                self._token_bytes[i] = token.encode("utf-8", "surrogatepass")
         self.special_tokens = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -68,24 +71,36 @@ class Tokenizer:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> "Tokenizer":
-        """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe)."""
+        """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe), checked
+        completely: token -> distinct integer ids, merges of two tokens whose join is a token."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
+        for path in (vocab_path, merges_path):
+            if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+                raise CheckpointError(f"{path} is {path.stat().st_size} bytes, far more than a tokenizer file holds; re-download the model")
         vocab = read_json(vocab_path, CheckpointError, "; the tokenizer needs it")
-        if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) and v >= 0 for v in vocab.values()):
-            raise CheckpointError(f"{vocab_path} is not a JSON object of token -> id; re-download the model")
+        if not isinstance(vocab, dict) or not vocab:
+            raise CheckpointError(f"{vocab_path} is not a non-empty JSON object of token -> id; re-download the model")
+        bad = next((t for t, i in vocab.items() if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_VOCAB), None)
+        if bad is not None:
+            raise CheckpointError(f"{vocab_path}: token {bad[:40]!r} has id {str(vocab[bad])[:40]}, not an integer in 0..{MAX_VOCAB - 1}; re-download the model")
+        if len(set(vocab.values())) != len(vocab):
+            raise CheckpointError(f"{vocab_path} gives two tokens the same id; re-download the model")
         try:
             lines = merges_path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             raise CheckpointError(f"{merges_path} does not exist; the tokenizer needs merges.txt") from None
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{merges_path} is not UTF-8 ({e}); re-download the model") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {merges_path}: {e.strerror or e}") from None
         merges = []
         for n, line in enumerate(lines, 1):
             if (n == 1 and line.startswith("#version")) or not line:
                 continue
             parts = line.split(" ")
-            if len(parts) != 2:
-                raise CheckpointError(f"{merges_path}:{n} is not a merge 'A B': {line[:40]!r}")
+            if len(parts) != 2 or not all(parts) or parts[0] + parts[1] not in vocab:
+                why = "is not a merge 'A B'" if len(parts) != 2 or not all(parts) else "merges into a token vocab.json lacks"
+                raise CheckpointError(f"{merges_path}:{n} {why}: {line[:40]!r}; the two tokenizer files must belong together")
             merges.append((parts[0], parts[1]))
         return cls(vocab, merges)
 

@@ -1,7 +1,10 @@
 """Every Numba compilation flag used by the kernels, in one place.
 
-- `cache=True`: compiled machine code is stored next to the sources (or in NUMBA_CACHE_DIR), so a
-  second process does not compile again (`picogpt-fast warmup` fills the cache ahead of time).
+- `cache=True`: compiled machine code is stored next to the sources (or in NUMBA_CACHE_DIR, or
+  Numba's per-user cache folder), so a second process does not compile again (`picogpt-fast warmup`
+  fills the cache ahead of time). When none of those can be written (a read-only install, a user
+  without a home folder), a per-user folder under the system's temporary directory is used, and if
+  even that fails the kernels compile in memory; either way one line on stderr says so.
 - `nogil=True`: kernels release the GIL, so two sessions in two Python threads really run at once.
 - `fastmath`: 'reassoc' lets LLVM vectorise reductions (dot products, sums), 'contract' lets it fuse
   multiply-adds, 'nsz' ignores the sign of zero. Each reduction still has one fixed order per compiled
@@ -11,20 +14,59 @@
   over a reduction, so the thread count never changes a result.
 """
 
+import os
+import sys
+import tempfile
+
+from .. import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
+import numba
 from numba import njit
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
+
+def _writable(folder: str) -> bool:
+    """What Numba checks before caching into a folder: it can be created and written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cache_enabled() -> bool:
+    """Whether Numba can cache these kernels; points it at a writable folder when its own are not."""
+    from numba.misc.appdirs import AppDirs
+
+    if numba.config.CACHE_DIR and _writable(numba.config.CACHE_DIR):
+        return True
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__"), AppDirs("numba", appauthor=False).user_cache_dir]
+    if any(_writable(folder) for folder in candidates):
+        return True
+    fallback = os.path.join(tempfile.gettempdir(), f"picogpt-fast-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    if _writable(fallback):
+        numba.config.CACHE_DIR = fallback
+        print(f"picogpt-fast: no writable Numba cache (the package folder, NUMBA_CACHE_DIR, the user cache); "
+              f"compiled kernels go to {fallback}", file=sys.stderr)  # fmt: skip
+        return True
+    print("picogpt-fast: no writable folder for Numba's cache; kernels compile in memory in every process "
+          "(set NUMBA_CACHE_DIR to a writable folder to keep them)", file=sys.stderr)  # fmt: skip
+    return False
+
+
+CACHE = _cache_enabled()
+
 # A parallel kernel called from Python with preallocated output buffers.
-kernel = njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+kernel = njit(parallel=True, cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A parallel kernel whose sums must round every product first (no fused multiply-add), so that a
 # low-precision weight enters them as exactly the float32 value dtypes.dequantize gives.
-strict_kernel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+strict_kernel = njit(parallel=True, cache=CACHE, nogil=True, error_model="numpy")
 # Part of a kernel shared by several kernels, prange loops included: Numba inlines it into each
 # caller before parallelising, so its loops become the caller's parallel loops.
-kernel_part = njit(inline="always", cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+kernel_part = njit(inline="always", cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A scalar helper called from kernels (LLVM inlines it).
-helper = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+helper = njit(cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A helper whose operation order matters (range reductions, polynomials): contraction only. Its
 # instructions keep these flags when inlined into a kernel.
-precise_helper = njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+precise_helper = njit(cache=CACHE, nogil=True, fastmath={"contract"}, error_model="numpy")
