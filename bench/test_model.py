@@ -97,17 +97,6 @@ def test_peer_transformers(benchmark, record):
     benchmark.extra_info["peer"] = results["transformers"]["version"]
 
 
-@pytest.mark.parametrize("numba_threads", [1, None], ids=["calling-thread", "all-threads"])
-def test_prompt_numba_threads(benchmark, record, engine124, monkeypatch, numba_threads):
-    """A 256-token prompt with the Numba kernels between BLAS calls on one thread or on all
-    (engine.NUMBA_THREADS_DURING_BLAS): spinning OpenMP workers compete with BLAS's threads."""
-    from picogpt_fast import engine
-
-    monkeypatch.setattr(engine, "NUMBA_THREADS_DURING_BLAS", numba_threads)
-    record("prompt of 256: Numba threads during BLAS")
-    bench_prefill(benchmark, engine124, 256, rounds=5)
-
-
 @pytest.mark.parametrize("n", [8, 16, 24, 32, 64])
 @pytest.mark.parametrize("path", ["numba", "blas"])
 def test_prompt_path_crossover(benchmark, record, engine124, monkeypatch, path, n):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -36,17 +37,12 @@ F32 = np.float32
 # the Numba kernel so that batched decoding gives bitwise the logits of decoding alone.
 BLAS_MIN_ROWS = 16
 
-# While BLAS's threads own the cores (a prompt of BLAS_MIN_ROWS or more), the Numba kernels between
-# its calls run on the calling thread alone: OpenMP workers that spin-wait after a parallel kernel
-# would otherwise take a core from the next BLAS call. Measured (2 cores, 256-token prompt) by
-# bench/test_model.py::test_prompt_numba_threads; None gives them every thread.
-NUMBA_THREADS_DURING_BLAS: int | None = 1
-
+# A prompt on BLAS: every matrix product is split into about this many column blocks, each one
+# single-threaded BLAS call that a thread of the team takes (threads.run_blocks). Block edges depend
+# on the matrix's shape only, so the result does not depend on the thread count.
+PROMPT_COLUMN_BLOCKS = 8
 # A prompt's attention on BLAS goes by blocks of this many rows (see NumbaSession._attention_blas).
 PROMPT_BLOCK = 256
-
-# Low-precision weights reach BLAS as float32 blocks of at most this many values (8 MiB, cache-sized).
-DEQUANT_BLOCK = 1 << 21
 
 
 # ----------------------------------------------------------------------------- threading guard
@@ -113,13 +109,16 @@ class NumbaBackend:
         self.config = config
         self.weights = weights
         self.threads = T.check(threads)
+        self.team = T.TeamSize(self.threads)  # how many of them decode steps use, measured
         try:
-            threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
+            layer = threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
         except ValueError as e:  # numba: "No threading layer could be loaded."
             raise PicoGPTError(
                 f"Numba could not load a threading layer ({str(e).splitlines()[0]}); install the one "
                 f"NUMBA_THREADING_LAYER={os.environ.get('NUMBA_THREADING_LAYER', 'default')!r} names (tbb: pip install tbb) or unset it"
             ) from None
+        # workqueue cannot take kernels from two threads at once: prompts' blocks then run on one
+        self.block_threads = 1 if layer == "workqueue" else None
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
         self.fmt = weights.fmt
@@ -178,8 +177,8 @@ class RunState:
             self.qkv = np.zeros((rows, 3 * E), F32)  # q | k | v, heads side by side
             self.att = np.zeros((rows, E), F32)  # attention output, heads side by side
             self.ff = np.zeros((rows, F), F32)  # MLP hidden activations
-            self.blas_out = np.zeros(rows * max(F, 3 * E, min(c.n_vocab, DEQUANT_BLOCK // E)), F32)  # a BLAS product before its epilogue
-            self.prompt_scores = np.zeros(0, F32)  # [block rows, keys] of _attention_blas
+            self.blas_out = np.zeros(rows * max(F, 3 * E), F32)  # BLAS products before their epilogue
+            self.prompt_scores = np.zeros(0, F32)  # per head: [block rows, keys] of _attention_blas
         if logit_rows > self.logit_rows:
             self.logit_rows = logit_rows
             self.logits = np.zeros((logit_rows, c.n_vocab), F32)
@@ -187,11 +186,15 @@ class RunState:
             self.keys = keys
             self.scores = np.zeros((T.max_threads(), keys), F32)  # attention(): one row per worker thread
 
-    def dequantized(self, n: int) -> np.ndarray:
-        """Scratch for low-precision weights converted to float32 for BLAS (DEQUANT_BLOCK values)."""
-        if not hasattr(self, "_dequant"):
-            self._dequant = np.zeros(DEQUANT_BLOCK, F32)
-        return self._dequant[:n]
+        if logit_rows > 1 and self.blas_out.size < logit_rows * c.n_vocab:  # all logits of a prompt (scoring)
+            self.blas_out = np.zeros(logit_rows * c.n_vocab, F32)
+
+    def scratch(self, n: int) -> np.ndarray:
+        """n float32 of this thread's own scratch (low-precision weights converted for BLAS)."""
+        buffers = self.__dict__.setdefault("_scratch", threading.local())
+        if getattr(buffers, "a", None) is None or buffers.a.size < n:
+            buffers.a = np.zeros(n, F32)
+        return buffers.a[:n]
 
 
 class NumbaSession(Session):
@@ -212,11 +215,17 @@ class NumbaSession(Session):
         # The one choice of BLAS: a prompt long enough to amortise it. Decode steps never use it, so
         # that a sequence decoded in a batch gets bitwise the logits it gets alone.
         blas = prompt and n >= BLAS_MIN_ROWS
-        threads = self.backend.threads
-        numba_threads = min(threads, NUMBA_THREADS_DURING_BLAS or threads) if blas else threads
+        team = self.backend.team
+        self.threads = team.next() if not prompt else team.best  # this call's thread count
         self.state.fit(n, n if all_logits else 1, self.capacity)
-        with T.scope(numba_threads, threads if blas else None), parallel_region():
-            return self._forward_rows(ids, seq, pos, blas, all_logits)
+        # On BLAS, each product is split into blocks run by the team (run_blocks): BLAS itself and the
+        # Numba kernels between its calls then run single-threaded.
+        with T.scope(1 if blas else self.threads, 1 if blas else None), parallel_region():
+            t0 = time.perf_counter()
+            logits = self._forward_rows(ids, seq, pos, blas, all_logits)
+            if not prompt:
+                team.record(self.threads, n, time.perf_counter() - t0)
+        return logits
 
     # ------------------------------------------------------------------ the forward pass
     def _forward_rows(self, ids, seq, pos, blas: bool, all_logits: bool) -> np.ndarray:
@@ -235,7 +244,7 @@ class NumbaSession(Session):
             self._linear(x, block.fc, ff, K.GELU, blas, norm=block.ln_2, h=h)  # [n, E] -> [n, F]
             self._linear(ff, block.mlp_proj, x, K.ADD, blas)  # x += [n, F] @ [F, E]
         logits = s.logits[: len(x)]
-        with T.scope(b.threads):  # the output projection on the engine's threads (a prompt's last row too)
+        with T.scope(self.threads):  # the output projection on all the call's threads (a prompt's last row too)
             self._linear(x, b.head, logits, K.STORE, blas, norm=b.ln_f, h=h)  # [n, E] -> [n, V]
         return logits
 
@@ -265,35 +274,49 @@ class NumbaSession(Session):
             K.layer_norm(x, norm[0], norm[1], self.backend.eps, h)
             x = h
         rows, (N, Kd) = x.shape[0], lin.w.shape
-        step = N if fmt == K.F32_FORMAT else max(1, DEQUANT_BLOCK // Kd)
-        for j0 in range(0, N, step):
-            j1 = min(N, j0 + step)
-            if fmt == K.F32_FORMAT:
-                block = lin.w[j0:j1]
-            else:
-                block = self.state.dequantized((j1 - j0) * Kd).reshape(j1 - j0, Kd)
-                K.dequantize(lin.w, lin.scale, fmt, j0, block)
-            y = out if (mode == K.STORE and j1 - j0 == N) else self.state.blas_out[: rows * (j1 - j0)].reshape(rows, j1 - j0)
-            np.matmul(x, block.T, out=y)  # [rows, K] @ [K, j1 - j0]
-            K.bias_epilogue(y, lin.bias, out, mode, j0)
+        width = -(-N // PROMPT_COLUMN_BLOCKS)
+        width = -(-width // 64) * 64  # edges on 64-column boundaries
+        y_all = self.state.blas_out[: rows * N]
+
+        def block(j0: int, j1: int):
+            def run():
+                if fmt == K.F32_FORMAT:
+                    w = lin.w[j0:j1]
+                else:
+                    w = self.state.scratch((j1 - j0) * Kd).reshape(j1 - j0, Kd)
+                    K.dequantize(lin.w, lin.scale, fmt, j0, w)
+                y = y_all[rows * j0 : rows * j1].reshape(rows, j1 - j0)
+                np.matmul(x, w.T, out=y)  # [rows, K] @ [K, j1 - j0]
+                K.bias_epilogue(y, lin.bias, out, mode, j0)
+
+            return run
+
+        T.run_blocks([block(j0, min(N, j0 + width)) for j0 in range(0, N, width)], self.backend.block_threads or self.threads)
 
     def _attention_blas(self, k_cache, v_cache, seq, pos, qkv, att) -> None:
         """Attention for a prompt of one sequence as BLAS products per head and block of rows:
         scores = Q @ K.T over the keys the block's last row sees, a causal softmax, out = P @ V.
 
         Blocks of PROMPT_BLOCK rows skip most masked keys (about half the work of one product over
-        all keys for long prompts), and all of it runs at BLAS speed on BLAS's threads.
+        all keys for long prompts). Each head is one task for the team (threads.run_blocks).
         """
         c, s = self.config, self.state
         n, sq, start = qkv.shape[0], int(seq[0]), int(pos[0])
-        D = c.head_dim
-        if s.prompt_scores.size < min(n, PROMPT_BLOCK) * (start + n):
-            s.prompt_scores = np.zeros(min(n, PROMPT_BLOCK) * (start + n), F32)
-        for r0 in range(0, n, PROMPT_BLOCK):
-            r1 = min(n, r0 + PROMPT_BLOCK)
-            keys = start + r1  # the block's last row sees keys 0..keys-1
-            p = s.prompt_scores[: (r1 - r0) * keys].reshape(r1 - r0, keys)
-            for h in range(c.n_head):
-                np.matmul(qkv[r0:r1, h * D : (h + 1) * D], k_cache[sq, h, :keys].T, out=p)
-                K.causal_softmax(p, start + r0, self.backend.scale)
-                np.matmul(p, v_cache[sq, h, :keys], out=att[r0:r1, h * D : (h + 1) * D])
+        H, D = c.n_head, c.head_dim
+        per_head = min(n, PROMPT_BLOCK) * (start + n)
+        if s.prompt_scores.size < H * per_head:
+            s.prompt_scores = np.zeros(H * per_head, F32)
+
+        def head(h: int):
+            def run():
+                for r0 in range(0, n, PROMPT_BLOCK):
+                    r1 = min(n, r0 + PROMPT_BLOCK)
+                    keys = start + r1  # the block's last row sees keys 0..keys-1
+                    p = s.prompt_scores[h * per_head : h * per_head + (r1 - r0) * keys].reshape(r1 - r0, keys)
+                    np.matmul(qkv[r0:r1, h * D : (h + 1) * D], k_cache[sq, h, :keys].T, out=p)
+                    K.causal_softmax(p, start + r0, self.backend.scale)
+                    np.matmul(p, v_cache[sq, h, :keys], out=att[r0:r1, h * D : (h + 1) * D])
+
+            return run
+
+        T.run_blocks([head(h) for h in range(H)], self.backend.block_threads or self.threads)
