@@ -7,6 +7,7 @@ Every user error ends in one line on stderr and a non-zero exit code, never a tr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,8 +57,12 @@ _dtype_option = click.option(
 
 
 def _model_name(model: str, models_dir: str | None) -> str:
-    if models_dir is not None and (Path(models_dir) / model).is_dir():
-        return str(Path(models_dir) / model)
+    """picoGPT's --models_dir: MODELS_DIR/MODEL when that folder exists, else MODEL (a Hub id)."""
+    if models_dir is not None:
+        if not Path(models_dir).is_dir():
+            raise InvalidArgumentError(f"--models_dir {models_dir} is not a folder; pass the folder picoGPT downloads models into")
+        if (Path(models_dir) / model).is_dir():
+            return str(Path(models_dir) / model)
     return model
 
 
@@ -69,6 +74,13 @@ def _info(quiet: bool, message: str) -> None:
 class _Group(click.Group):
     def format_epilog(self, ctx, formatter):
         formatter.write(EXAMPLES)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # stdout closed early (piped into head): stop quietly, exit 0
+            _silence_stdout()
+            raise click.exceptions.Exit(0) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +95,7 @@ def cli():
 
 # --------------------------------------------------------------------------- run
 @cli.command()
-@click.argument("prompt", required=False)
+@click.argument("prompt", required=False)  # none: read from stdin when it is piped
 @_model_option
 @_models_dir_option
 @_revision_option
@@ -124,7 +136,14 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
         raise InvalidArgumentError("--stream prints plain text for one prompt; it cannot be combined with --json, --file or --jsonl")
     if logprobs and not (as_json or jsonl_file):
         raise InvalidArgumentError("--logprobs needs --json (or --jsonl)")
-    prompts = _read_prompts(prompt_file, jsonl_file) if batch else [prompt or ""]
+    if batch:
+        prompts = _read_prompts(prompt_file, jsonl_file)
+    elif prompt is None:  # `echo text | picogpt-fast run`: the prompt is stdin's text, as other LLM tools read it
+        piped = _stdin_text()
+        prompts = [piped[:-1] if piped.endswith("\n") else piped]
+    else:
+        prompts = [_utf8(prompt, "PROMPT")]
+    stop = [_utf8(s, "--stop") for s in stop]
 
     resolved = _resolve(model, models_dir, revision)
     from . import validate
@@ -154,14 +173,49 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
                 record["timings"] = timings.as_dict()
             if logprobs:
                 record["logprobs"] = c.logprobs
-            click.echo(json.dumps(record, ensure_ascii=False, allow_nan=False))
+            _print_json(record)
         else:
             click.echo((prompts[i] if echo else "") + c.text)
 
 
+def _utf8(value: str, what: str) -> str:
+    """A command-line string; bytes that are not UTF-8 (kept by Python as surrogates) are refused."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError as e:
+        raw = value.encode("utf-8", "surrogateescape")
+        offset = len(value[: e.start].encode("utf-8", "surrogateescape"))
+        raise InvalidArgumentError(f"{what} is not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}); pass UTF-8") from None
+
+
+def _stdin_text() -> str:
+    """Text piped on stdin ("" from a terminal or when there is none)."""
+    try:
+        if sys.stdin is None or sys.stdin.isatty():
+            return ""
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    except (OSError, ValueError):  # closed or not readable
+        return ""
+    return _decode_utf8(data, "stdin")
+
+
+def _decode_utf8(data: bytes, name) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{name} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8") from None
+
+
+def _print_json(record) -> None:
+    """One JSON object per line: never NaN (invalid JSON), and ASCII escapes when stdout cannot hold UTF-8."""
+    utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
+    click.echo(json.dumps(record, ensure_ascii=not utf8, allow_nan=False))
+
+
 def _read_prompts(prompt_file, jsonl_file) -> list[str]:
     path = Path(prompt_file or jsonl_file)
-    text = _read_text(path)
+    text = _stdin_text() if str(path) == "-" else _read_text(path)
     lines = text.splitlines()
     if prompt_file is not None:
         if not lines:
@@ -192,10 +246,7 @@ def _read_text(path: Path) -> str:
         raise InvalidArgumentError(f"{path} does not exist") from None
     except OSError as e:
         raise InvalidArgumentError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8") from None
+    return _decode_utf8(data, path)
 
 
 def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_eos, clip, quiet):
@@ -263,7 +314,7 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
             raise InvalidArgumentError("--decode takes token ids separated by spaces or commas, e.g. '15496 995'") from None
         click.echo(tok.decode(ids))
         return
-    ids = tok.encode(text, allowed_special="all" if allow_special else ())
+    ids = tok.encode(_utf8(text, "TEXT"), allowed_special="all" if allow_special else ())
     click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
 
 
@@ -385,8 +436,13 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
 # --------------------------------------------------------------------------- entry point
 def main(argv=None) -> None:
     """Console entry point: one line on stderr for every error, exit codes 1 (error), 2 (usage), 130 (Ctrl-C)."""
+    for stream in (sys.stdout, sys.stderr):  # text that stdout's encoding cannot hold is replaced, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
-        cli.main(args=argv, prog_name="picogpt-fast", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="picogpt-fast", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
@@ -403,8 +459,17 @@ def main(argv=None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:  # e.g. piped into head
+    except BrokenPipeError:
+        _silence_stdout()
         sys.exit(0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing is flushed into a closed pipe at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

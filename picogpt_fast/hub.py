@@ -61,6 +61,8 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None, 
         raise ModelNotFoundError("empty model name; pass a Hub id such as 'gpt2' or a local folder")
     path = Path(name).expanduser()
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelNotFoundError(f"cannot read the model folder {path}: permission denied; make it readable (chmod a+rx)")
         check_model_folder(path, name, tokenizer_only)
         return path
     if path.exists():

@@ -166,3 +166,56 @@ def test_warmup(cli):
     assert code == 0, err
     assert out.startswith("compiled the Numba kernels in") and "threading layer" in out
     assert time.perf_counter() - start < 600
+
+
+def run_bytes(args, stdin=b"", **env):
+    """The CLI in a subprocess with raw bytes as arguments and stdin."""
+    cmd = [PYTHON.encode(), b"-m", b"picogpt_fast", *(a if isinstance(a, bytes) else str(a).encode() for a in args)]
+    return subprocess.run(cmd, input=stdin, capture_output=True, env=subprocess_env(**env), timeout=300)
+
+
+def test_arguments_that_are_not_utf8(model_dir):
+    r = run_bytes([b"run", b"caf\xe9", b"--model", model_dir("small"), b"-n", b"2"])
+    assert r.returncode == 1 and r.stderr.decode().strip() == "error: PROMPT is not UTF-8 text (byte 0xe9 at offset 3); pass UTF-8"
+    r = run_bytes([b"tokenize", b"\xff", b"--model", model_dir("small")])
+    assert r.returncode == 1 and b"TEXT is not UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_prompt_piped_on_stdin(model_dir, models):
+    eng, _ = models("small")
+    r = run_bytes(["run", "--model", model_dir("small"), "-n", 5, "-q"], stdin=b"The weather today\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == eng.complete(["The weather today"], 5)[0][0].text + "\n"
+    r = run_bytes(["run", "--file", "-", "--model", model_dir("small"), "-n", 3, "-q", "--json"], stdin=b"A\nB\n")
+    assert [json.loads(line)["prompt"] for line in r.stdout.decode().splitlines()] == ["A", "B"]
+    r = run_bytes(["run", "--model", model_dir("small"), "-n", 3], stdin=b"\xff\xfe")
+    assert r.returncode == 1 and b"stdin is not UTF-8" in r.stderr
+
+
+def test_output_whatever_stdouts_encoding(model_dir):
+    """An ASCII stdout (PYTHONIOENCODING=ascii): text is printed (replaced where ASCII cannot hold it),
+    JSON with escapes, never an encoding error."""
+    for mode in ([], ["--stream"]):
+        r = run_bytes(["run", "café ☕", "--echo", "--model", model_dir("small"), "-n", 4, "-q", *mode], PYTHONIOENCODING="ascii")
+        assert r.returncode == 0 and r.stdout.startswith((b"caf? ?", "café ☕".encode())), r.stderr  # replaced, or UTF-8 bytes
+    r = run_bytes(["run", "café ☕", "--model", model_dir("small"), "-n", 2, "-q", "--json"], PYTHONIOENCODING="ascii")
+    assert r.returncode == 0 and json.loads(r.stdout)["prompt"] == "café ☕"
+
+
+def test_missing_models_dir(cli, model_dir, tmp_path):
+    code, _, err = cli("run", "hi", "--model_size", "124M", "--models_dir", tmp_path / "nope")
+    assert code == 1 and "--models_dir" in err and "is not a folder" in err
+
+
+def test_python_api_checks_its_arguments(models):
+    from picogpt_fast.errors import InvalidArgumentError
+
+    eng, _ = models("small")
+    with pytest.raises(InvalidArgumentError, match="list of prompts"):
+        eng.generate_batch("Hello", 1)
+    with pytest.raises(InvalidArgumentError, match="integer token ids"):
+        eng.generate([1.0, 2.0], 1)
+    with pytest.raises(InvalidArgumentError, match="unknown keyword argument 'temprature'; did you mean 'temperature'"):
+        eng.generate("Hi", 2, temprature=0.5)
+    text = eng.complete(["Hello"], 12, stop="xyz", stop_at_eos=False)[0][0].text
+    assert text == eng.complete(["Hello"], 12, stop=["xyz"], stop_at_eos=False)[0][0].text  # one stop string, not three

@@ -8,7 +8,6 @@ quantization error; the quantization error itself is measured against float32 (K
 
 import json
 import os
-import stat
 
 import numpy as np
 import pytest
@@ -145,17 +144,6 @@ def test_stale_and_corrupt_entries_are_rebuilt(model_dir, tmp_path, monkeypatch,
     GPT2.from_pretrained(folder, dtype="float16")
     assert "converted from another version of the checkpoint" in capfd.readouterr().err
     assert len(entries(tmp_path / "cache")) == 1  # replaced in place, no garbage
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="covered as an unprivileged user in test_environments.py")
-def test_unwritable_cache_falls_back_to_memory(model_dir, tmp_path, monkeypatch, capfd):  # pragma: no cover
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(locked / "cache"))
-    m = GPT2.from_pretrained(model_dir("small"), dtype="int8")
-    assert "converted weights stay in memory" in capfd.readouterr().err
-    assert m.generate([1, 2], 3, stop_at_eos=False)
 
 
 def test_unwritable_cache_path_falls_back_to_memory(model_dir, tmp_path, monkeypatch, capfd):

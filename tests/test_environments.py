@@ -1,0 +1,170 @@
+"""Hostile environments, each in a subprocess: a read-only install, unwritable caches, unreadable
+model files, odd NUMBA_NUM_THREADS values, SIGINT and SIGPIPE in every output mode.
+
+Every case ends in a clear line on stderr (a notice and success, or one error line and a non-zero
+exit), never a traceback. Permission cases run unprivileged: as root (CI), through util-linux's
+`setpriv` with every capability dropped, so that file permissions apply to root too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, REPO, make_config, subprocess_env
+
+UNPRIVILEGED = (
+    ["setpriv", "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    if os.geteuid() == 0
+    else []
+)  # fmt: skip
+
+
+def cli(*args, env=None, unprivileged=False, timeout=600, **kw) -> subprocess.CompletedProcess:
+    if unprivileged and UNPRIVILEGED:
+        assert shutil.which("setpriv"), "util-linux's setpriv is needed to test permissions as root"
+    # -m puts the working folder first on sys.path: run from a folder without the package in it
+    cmd = (UNPRIVILEGED if unprivileged else []) + [PYTHON, "-m", "picogpt_fast", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout, **kw)
+
+
+def assert_one_error(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+@pytest.fixture
+def readable_model(model_dir, tmp_path):
+    """A copy of the small model, readable by anyone (the session's temp folders are not)."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("small"), folder)
+    tmp_path.chmod(0o755)
+    return folder
+
+
+def test_read_only_install_without_a_writable_home(readable_model, tmp_path):
+    """The package in a read-only folder, HOME not writable, no NUMBA_CACHE_DIR: kernels are cached in
+    a per-user temporary folder, weights converted in memory, each said in one line; then, with no
+    writable temporary folder either, kernels compile in memory."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "picogpt_fast", site / "picogpt_fast", ignore=shutil.ignore_patterns("__pycache__"))
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    read_only(site)
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("NUMBA_CACHE_DIR", "PICOGPT_FAST_CACHE", "XDG_"))}
+    env.update(PYTHONPATH=str(site), HOME=str(home), TMPDIR=str(tmp))
+    home.chmod(0o555)
+    r = cli("run", "Hello", "--model", readable_model, "-n", 4, "--dtype", "int8", env=env, unprivileged=True, cwd=home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+    assert "no writable Numba cache" in r.stderr and "converted weights stay in memory" in r.stderr
+    assert any(p.name.startswith("picogpt-fast-numba") for p in tmp.iterdir())
+    # No writable temporary folder either (tempfile falls back to /tmp, which is always writable
+    # here, so the test names an unwritable one the way tempfile.tempdir does)
+    locked = tmp_path / "locked-tmp"
+    locked.mkdir(mode=0o555)
+    script = f"import sys, tempfile; tempfile.tempdir = {str(locked)!r}; from picogpt_fast.cli import main; main(sys.argv[1:])"
+    cmd = [*UNPRIVILEGED, PYTHON, "-c", script, "run", "Hello", "--model", str(readable_model), "-n", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=home, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kernels compile in memory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_weights_cache(readable_model, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    r = cli("run", "Hello", "--model", readable_model, "-n", 3, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE=str(locked / "cache")), unprivileged=True)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+    notices = [line for line in r.stderr.splitlines() if line.startswith("picogpt-fast:")]
+    assert len(notices) == 1 and "converted weights stay in memory" in notices[0]
+
+
+@pytest.mark.parametrize("name", ["config.json", "vocab.json", "merges.txt", "model.safetensors", "."])
+def test_unreadable_model_files(readable_model, name):
+    target = readable_model / name
+    target.chmod(0o000)
+    try:
+        r = cli("run", "Hello", "--model", readable_model, "-n", 3, unprivileged=True)
+    finally:
+        target.chmod(0o755 if target.is_dir() else 0o644)
+    assert_one_error(r, "ermission denied" if name != "." else str(readable_model))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "1.5"])
+def test_odd_numba_num_threads_are_refused(model_dir, value):
+    r = cli("run", "Hello", "--model", model_dir("small"), "-n", 2, env=subprocess_env(NUMBA_NUM_THREADS=value))
+    assert_one_error(r, "NUMBA_NUM_THREADS")
+
+
+@pytest.mark.parametrize("value", ["1", "3"])
+def test_numba_num_threads_that_work(model_dir, value):
+    r = cli("run", "Hello", "--model", model_dir("small"), "-n", 2, "-q", env=subprocess_env(NUMBA_NUM_THREADS=value))
+    assert r.returncode == 0 and r.stdout.strip() and not r.stderr, r.stderr
+
+
+def test_unknown_threading_layer(model_dir):
+    r = cli("run", "Hello", "--model", model_dir("small"), "-n", 2, env=subprocess_env(NUMBA_THREADING_LAYER="fastest"))
+    assert_one_error(r, "NUMBA_THREADING_LAYER")
+
+
+MODES = {"plain": [], "stream": ["--stream"], "json": ["--json"], "file": ["--file", "PROMPTS"]}
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory, tokenizer_dir):
+    """A model with a long context, so that a generation lasts long enough to be interrupted."""
+    from picogpt_fast.checkpoint import save_pretrained
+    from picogpt_fast.weights import random_weights
+
+    config = make_config("small", n_ctx=1024)
+    folder = save_pretrained(tmp_path_factory.mktemp("long"), config, random_weights(config, std=0.25), tokenizer_dir=tokenizer_dir)
+    (folder / "prompts.txt").write_text("Hello\nThe weather\n", encoding="utf-8")
+    return folder
+
+
+def mode_args(mode, folder):
+    return [str(folder / "prompts.txt") if a == "PROMPTS" else a for a in MODES[mode]]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigpipe(long_model, mode):
+    """Output piped into a reader that stops early (`| head -c 8`): exit 0, nothing on stderr."""
+    prompt = [] if mode == "file" else ["Hello"]
+    cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 300, "--ignore-eos", "-q", *mode_args(mode, long_model)]
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    p.stdout.read(8)
+    p.stdout.close()  # the reader is gone
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigint(long_model, mode):
+    """Ctrl-C during generation: exit 130, no traceback (the NumPy reference keeps the work going
+    long enough to interrupt it mid-generation)."""
+    prompt = [] if mode == "file" else ["Hello"]
+    cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 1000, "--clip", "--ignore-eos", "--backend", "numpy", *mode_args(mode, long_model)]
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    while b"loaded" not in p.stderr.readline():  # the model is loaded; generation starts now
+        assert p.poll() is None
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert b"Traceback" not in err
