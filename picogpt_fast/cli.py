@@ -290,6 +290,12 @@ def _load(resolved, backend, dtype, threads, quiet):
     gpt = GPT2(resolved.config, loader.load_weights(resolved, dtype), resolved.tokenizer, backend=backend, threads=threads)
     _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) "
                  f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
+    if backend == "numba":  # kernels compiled (on an empty cache) now, not inside the first timing
+        from .warmup import ensure_compiled
+
+        done = ensure_compiled(gpt.dtype, threads, lambda text: _info(quiet, f"picogpt-fast: {text}"))
+        if done.compiled:
+            _info(quiet, f"compiled {done.compiled} kernels in {done.seconds:.1f} s (cached in {done.cache_dir})")
     return gpt
 
 
@@ -396,8 +402,9 @@ def warmup(threads):
     """Compile every Numba kernel now, so that the first real run does not wait for it."""
     from .warmup import compile_all
 
-    seconds, cache_dir, layer = compile_all(threads)
-    click.echo(f"compiled the Numba kernels in {seconds:.1f} s (cache: {cache_dir}; threading layer: {layer})")
+    done = compile_all(threads)
+    what = f"compiled {done.compiled} kernels" if done.compiled else f"loaded {done.loaded} compiled kernels from the cache (nothing to compile)"
+    click.echo(f"{what} in {done.seconds:.1f} s (cache: {done.cache_dir}; threading layer: {done.threading_layer})")
 
 
 # --------------------------------------------------------------------------- bench

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import itertools
 from pathlib import Path
 from typing import Collection, Iterable, Literal
 
@@ -56,14 +57,12 @@ class Tokenizer:
         byte_encoder = bytes_to_unicode()
         # latin-1 decoding turns each byte b into chr(b); these tables map it into GPT-2's alphabet and back.
         self._byte_alphabet = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
-        from_alphabet = str.maketrans({c: chr(b) for b, c in byte_encoder.items()})
-        self._token_bytes: list[bytes | None] = [None] * self.n_vocab
+        self._from_alphabet = str.maketrans({c: chr(b) for b, c in byte_encoder.items()})
+        # id -> token text; a token's bytes are worked out when it is first decoded (not at start-up)
+        self._tokens: list[str | None] = [None] * self.n_vocab
         for token, i in vocab.items():
-            latin1 = token.translate(from_alphabet)
-            if latin1.isascii() or (max(latin1) < "\u0100" and latin1.translate(self._byte_alphabet) == token):
-                self._token_bytes[i] = latin1.encode("latin-1")  # every character is in GPT-2's byte alphabet
-            else:  # an added token written in plain text
-                self._token_bytes[i] = token.encode("utf-8", "surrogatepass")
+            self._tokens[i] = token
+        self._bytes: dict[int, bytes] = {}
         self.special_tokens = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -80,10 +79,11 @@ class Tokenizer:
         vocab = read_json(vocab_path, CheckpointError, "; the tokenizer needs it")
         if not isinstance(vocab, dict) or not vocab:
             raise CheckpointError(f"{vocab_path} is not a non-empty JSON object of token -> id; re-download the model")
-        bad = next((t for t, i in vocab.items() if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_VOCAB), None)
-        if bad is not None:
+        ids = list(vocab.values())
+        if not all(type(i) is int for i in ids) or min(ids) < 0 or max(ids) >= MAX_VOCAB:  # type(): a bool is not an id
+            bad = next(t for t, i in vocab.items() if type(i) is not int or not 0 <= i < MAX_VOCAB)
             raise CheckpointError(f"{vocab_path}: token {bad[:40]!r} has id {str(vocab[bad])[:40]}, not an integer in 0..{MAX_VOCAB - 1}; re-download the model")
-        if len(set(vocab.values())) != len(vocab):
+        if len(set(ids)) != len(ids):
             raise CheckpointError(f"{vocab_path} gives two tokens the same id; re-download the model")
         try:
             lines = merges_path.read_text(encoding="utf-8").splitlines()
@@ -93,16 +93,15 @@ class Tokenizer:
             raise CheckpointError(f"{merges_path} is not UTF-8 ({e}); re-download the model") from None
         except OSError as e:
             raise CheckpointError(f"cannot read {merges_path}: {e.strerror or e}") from None
-        merges = []
-        for n, line in enumerate(lines, 1):
-            if (n == 1 and line.startswith("#version")) or not line:
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts) or parts[0] + parts[1] not in vocab:
-                why = "is not a merge 'A B'" if len(parts) != 2 or not all(parts) else "merges into a token vocab.json lacks"
-                raise CheckpointError(f"{merges_path}:{n} {why}: {line[:40]!r}; the two tokenizer files must belong together")
-            merges.append((parts[0], parts[1]))
-        return cls(vocab, merges)
+        first = 1 if lines and lines[0].startswith("#version") else 0
+        pairs = list(map(tuple, map(str.split, filter(None, lines[first:]), itertools.repeat(" "))))
+        # the checks run at C speed (start-up time); the slow search below only names a bad line
+        if set(map(len, pairs)) - {2} or "" in itertools.chain.from_iterable(pairs) or set(map("".join, pairs)) - vocab.keys():
+            n, line = next((n, line) for n, line in enumerate(lines, 1) if n > first and line and (
+                len(p := line.split(" ")) != 2 or not p[0] or not p[1] or p[0] + p[1] not in vocab))  # fmt: skip
+            why = "is not a merge 'A B'" if len(p) != 2 or not p[0] or not p[1] else "merges into a token vocab.json lacks"
+            raise CheckpointError(f"{merges_path}:{n} {why}: {line[:40]!r}; the two tokenizer files must belong together")
+        return cls(vocab, pairs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
@@ -165,9 +164,19 @@ class Tokenizer:
     # ----------------------------------------------------------------- decoding
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token (a token may hold part of a UTF-8 character)."""
-        if not 0 <= token_id < self.n_vocab or self._token_bytes[token_id] is None:
+        raw = self._bytes.get(token_id)
+        if raw is not None:
+            return raw
+        token = self._tokens[token_id] if 0 <= token_id < self.n_vocab else None
+        if token is None:
             raise InvalidArgumentError(f"token id {token_id} is not in this tokenizer's vocabulary (0..{self.n_vocab - 1})")
-        return self._token_bytes[token_id]
+        latin1 = token.translate(self._from_alphabet)
+        if latin1.isascii() or (max(latin1) < "\u0100" and latin1.translate(self._byte_alphabet) == token):
+            raw = latin1.encode("latin-1")  # every character is in GPT-2's byte alphabet
+        else:  # an added token written in plain text
+            raw = token.encode("utf-8", "surrogatepass")
+        self._bytes[token_id] = raw
+        return raw
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return b"".join(self.token_bytes(int(i)) for i in ids)
