@@ -43,6 +43,9 @@ BLAS_MIN_ROWS = 16
 PROMPT_COLUMN_BLOCKS = 8
 # A prompt's attention on BLAS goes by blocks of this many rows (see NumbaSession._attention_blas).
 PROMPT_BLOCK = 256
+# Prompts run in chunks ending at multiples of this position (session.py): the server prefills a long
+# prompt chunk by chunk between decode steps, and gets bitwise what one call gives.
+PREFILL_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- threading guard
@@ -199,6 +202,8 @@ class RunState:
 
 class NumbaSession(Session):
     """The engine's session: a KVCache and a RunState over the backend's shared weights."""
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, backend: NumbaBackend, n_seq: int = 1, capacity: int = 0):
         self.backend = backend

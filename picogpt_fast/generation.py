@@ -118,6 +118,53 @@ class _Output:
         return tokens, piece
 
 
+class Sequence:
+    """One prompt's generation: its sampler, the tokens and text released so far, and the stop
+    conditions. `accept(logits)` takes the model's next-token logits and returns what it releases;
+    `finish()` releases the rest. `run` below drives a batch of these; the server's scheduler drives
+    them one decode step at a time, so both give each prompt the same tokens."""
+
+    def __init__(self, prompt: list[int], budget: int, params: SamplingParams, tokenizer: Tokenizer | None, *,
+                 stop: list[str], stop_at_eos: bool, eos_id: int | None, logprobs: int):  # fmt: skip
+        self.completion = Completion(prompt_ids=list(prompt))
+        self.budget, self.params, self.tokenizer = budget, params, tokenizer
+        self.stop_at_eos, self.eos_id, self.logprobs = stop_at_eos, eos_id, logprobs
+        self.output = _Output(tokenizer, stop)
+        self.sampler = Sampler(params)
+        self.history = list(prompt)
+
+    @property
+    def last(self) -> int:
+        return self.history[-1]
+
+    def accept(self, logits: np.ndarray) -> tuple[list[int], str, bool]:
+        """Choose the next token; return (released ids, released text, whether generation goes on)."""
+        c = self.completion
+        _check_finite(logits)
+        token = self.sampler(logits, self.history if self.params.repetition_penalty != 1 else ())
+        if self.stop_at_eos and token == self.eos_id:
+            c.stop_reason = "eos"
+            return [], "", False
+        self.history.append(token)
+        if self.logprobs:
+            c.logprobs.append(_logprob_entry(logits, token, self.logprobs, self.tokenizer))
+        ids, piece = self.output.add(token)
+        if self.output.cut is not None:
+            c.stop_reason = "stop"
+            return ids, piece, False
+        return ids, piece, len(self.output.tokens) < self.budget
+
+    def finish(self) -> tuple[list[int], str]:
+        """Release what was held back; fill the completion's ids and text."""
+        ids, piece = self.output.finish()
+        c, out = self.completion, self.output
+        c.ids = out.tokens[: out.released]
+        c.text = out.text[: out.emitted]
+        if len(c.logprobs) > len(c.ids):
+            del c.logprobs[len(c.ids) :]
+        return ids, piece
+
+
 def run(
     session: Session,
     tokenizer: Tokenizer | None,
@@ -141,63 +188,39 @@ def run(
     stop = [s for s in (stop or []) if s]
     assert tokenizer is not None or not stop
     timings = timings if timings is not None else Timings()
-    completions = completions if completions is not None else []
-    completions[:] = [Completion(prompt_ids=list(p)) for p in prompts]
-    outputs = [_Output(tokenizer, stop) for _ in prompts]
-    samplers = [Sampler(params) for _ in prompts]
-    history = [list(p) for p in prompts]
-
-    def accept(i: int, logits: np.ndarray) -> tuple[list[int], str, bool]:
-        """Choose sequence i's next token; return (released ids, released text, whether it goes on)."""
-        c = completions[i]
-        _check_finite(logits)
-        token = samplers[i](logits, history[i] if params.repetition_penalty != 1 else ())
-        if stop_at_eos and token == eos_id:
-            c.stop_reason = "eos"
-            return [], "", False
-        history[i].append(token)
-        if logprobs:
-            c.logprobs.append(_logprob_entry(logits, token, logprobs, tokenizer))
-        ids, piece = outputs[i].add(token)
-        if outputs[i].cut is not None:
-            c.stop_reason = "stop"
-            return ids, piece, False
-        return ids, piece, len(outputs[i].tokens) < budgets[i]
-
+    seqs = [Sequence(p, b, params, tokenizer, stop=stop, stop_at_eos=stop_at_eos, eos_id=eos_id, logprobs=logprobs) for p, b in zip(prompts, budgets)]
+    if completions is not None:
+        completions[:] = [s.completion for s in seqs]
     active = []
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, seq) in enumerate(zip(prompts, seqs)):
         if budgets[i] == 0:
             continue
         t0 = time.perf_counter()
         logits = session.prefill(prompt, seq=i)
         timings.prefill_s += time.perf_counter() - t0
         timings.prefill_tokens += len(prompt)
-        ids, piece, more = accept(i, logits)
+        ids, piece, more = seq.accept(logits)
         if ids or piece:
             yield i, ids, piece
         if more:
             active.append(i)
     while active:
         t0 = time.perf_counter()
-        logits = session.decode([history[i][-1] for i in active], active)
+        logits = session.decode([seqs[i].last for i in active], active)
         timings.decode_s += time.perf_counter() - t0
         timings.decode_tokens += len(active)
         still = []
         for row, i in enumerate(active):
-            ids, piece, more = accept(i, logits[row])
+            ids, piece, more = seqs[i].accept(logits[row])
             if ids or piece:
                 yield i, ids, piece
             if more:
                 still.append(i)
         active = still
-    for i, (c, out) in enumerate(zip(completions, outputs)):
-        ids, piece = out.finish()
+    for i, seq in enumerate(seqs):
+        ids, piece = seq.finish()
         if ids or piece:
             yield i, ids, piece
-        c.ids = out.tokens[: out.released]
-        c.text = out.text[: out.emitted]
-        if len(c.logprobs) > len(c.ids):
-            del c.logprobs[len(c.ids) :]
 
 
 def _check_finite(logits: np.ndarray) -> None:

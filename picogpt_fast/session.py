@@ -28,6 +28,11 @@ from .errors import ContextLengthError, InvalidArgumentError
 class Session(ABC):
     """Run state for up to `n_seq` sequences of at most `capacity` tokens each (grown on demand)."""
 
+    # A prompt is run in chunks that end at multiples of this position (None: in one pass), so that
+    # a caller may prefill chunk by chunk (the server, between decode steps) and get bitwise what
+    # one call gives.
+    prefill_chunk: int | None = None
+
     def __init__(self, config: GPT2Config, n_seq: int = 1, capacity: int = 0):
         self.config = config
         self.n_seq = validate.integer("n_seq", n_seq, 1)
@@ -64,12 +69,31 @@ class Session(ABC):
         if not len(ids):
             raise InvalidArgumentError("prefill() needs at least one token id")
         seq = validate.sequence_index(seq, self.n_seq)
-        start = int(self._lengths[seq])
-        self._make_room(start + len(ids), f"sequence {seq}")
-        pos = np.arange(start, start + len(ids), dtype=np.int64)
-        logits = self._forward(ids, np.full(len(ids), seq, np.int64), pos, all_logits, prompt=True)
-        self._lengths[seq] += len(ids)
-        return logits if all_logits else logits[-1]
+        n, start = len(ids), int(self._lengths[seq])
+        self._make_room(start + n, f"sequence {seq}")
+        pos = np.arange(start, start + n, dtype=np.int64)
+        seqs = np.full(n, seq, np.int64)
+        bounds = self.chunks(start, n)
+        rows = np.empty((n, self.config.n_vocab), np.float32) if all_logits and len(bounds) > 1 else None
+        for c0, c1 in bounds:
+            logits = self._forward(ids[c0:c1], seqs[c0:c1], pos[c0:c1], all_logits, prompt=True)
+            self._lengths[seq] += c1 - c0
+            if rows is not None:
+                rows[c0:c1] = logits
+        if all_logits:
+            return logits if rows is None else rows
+        return logits[-1]
+
+    def chunks(self, start: int, n: int) -> list[tuple[int, int]]:
+        """[begin, end) offsets into n prompt tokens placed at position `start`, cut where positions
+        cross a multiple of prefill_chunk."""
+        step = self.prefill_chunk or n
+        bounds, b = [], 0
+        while b < n:
+            e = min(n, (start + b) // step * step + step - start)
+            bounds.append((b, e))
+            b = e
+        return bounds
 
     def decode(self, tokens, seqs) -> np.ndarray:
         """Append one token to each listed sequence, all in one pass; return their logits [len(seqs), n_vocab]."""

@@ -205,3 +205,21 @@ def test_thread_settings_are_scoped_to_each_call(models):
     one.generate(list(range(40)), 2)  # a prompt through BLAS, then decoding
     assert numba.get_num_threads() == threads.max_threads()
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+
+
+@pytest.mark.parametrize("splits", [[24, 48], [24], [48]])
+def test_prefill_in_pieces_is_bitwise_one_prefill(models, monkeypatch, splits):
+    """Prompts run in chunks ending at multiples of prefill_chunk: a prompt fed in pieces cut at those
+    multiples (the server, between decode steps) leaves bitwise the state one call leaves."""
+    monkeypatch.setattr(engine.NumbaSession, "prefill_chunk", 24)
+    eng, ref = models("small")
+    ids = prompts(1, 128, seed=11)[0][:5] * 12  # 60 tokens: 24 + 24 + 12, BLAS and Numba paths
+    whole = eng.session(1, 80)
+    one = whole.prefill(ids).copy()
+    pieces = eng.session(1, 80)
+    for a, b in zip([0, *splits], [*splits, len(ids)]):
+        last = pieces.prefill(ids[a:b])
+    assert np.array_equal(one, last)
+    assert np.array_equal(whole.decode([7], [0]), pieces.decode([7], [0]))
+    np.testing.assert_allclose(one, ref.forward(ids)[-1], atol=LOGIT_TOL, rtol=0)
+    assert eng.session().chunks(20, 60) == [(0, 4), (4, 28), (28, 52), (52, 60)]  # cut at positions 24, 48, 72
