@@ -30,6 +30,7 @@ Examples:
   picogpt-fast convert gpt2 --dtype int8 -o gpt2-int8
   picogpt-fast bench --shape 124M
   picogpt-fast warmup
+  picogpt-fast serve --model gpt2 --port 8000
 """
 
 _model_option = click.option(
@@ -438,6 +439,43 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
     run_bench(model=model, shape=shape or ("124M" if model is None else None), threads=threads, prompt_lengths=lengths,
               gen=gen, reps=reps, reference=reference, peers=peers, dtypes=kinds or ["float32"],
               fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- serve
+@cli.command()
+@_model_option
+@_models_dir_option
+@_revision_option
+@_dtype_option
+@_threads_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Sequences decoded together (batch slots).")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Sequences waiting for a slot before requests get 429.")
+@click.option("--served-model-name", default=None, help="The model id clients send (default: --model as given).")
+@click.option("--shutdown-grace", type=float, default=10.0, show_default=True, help="Seconds running requests get to finish after SIGTERM.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
+def serve(model, models_dir, revision, dtype, threads, host, port, max_batch, max_queue, served_model_name, shutdown_grace, log_level):
+    """Serve MODEL over HTTP with OpenAI's Completions API (pip install 'picogpt-fast[serve]').
+
+    \b
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "temperature": 0}'
+    """
+    try:
+        from .serve import serve as run_server
+    except ImportError as e:
+        raise InvalidArgumentError(f"serving needs the [serve] extra ({e.name} is missing): pip install 'picogpt-fast[serve]'") from None
+    from . import validate
+
+    validate.integer("--port", port, 0, 65535)
+    validate.integer("--max-batch", max_batch, 1, 256)
+    validate.integer("--max-queue", max_queue, 1)
+    if not 0 <= shutdown_grace < float("inf"):
+        raise InvalidArgumentError(f"--shutdown-grace={shutdown_grace} is invalid: must be a number of seconds >= 0")
+    gpt = _load(_resolve(model, models_dir, revision), "numba", dtype, threads, False)
+    _info(False, f"serving {served_model_name or model} on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})")
+    run_server(gpt, served_model_name or model, host, port, max_batch, max_queue, shutdown_grace, log_level)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -147,7 +147,7 @@ class Sequence:
             return [], "", False
         self.history.append(token)
         if self.logprobs:
-            c.logprobs.append(_logprob_entry(logits, token, self.logprobs, self.tokenizer))
+            c.logprobs.append(logprob_entry(logits, token, self.logprobs, self.tokenizer))
         ids, piece = self.output.add(token)
         if self.output.cut is not None:
             c.stop_reason = "stop"
@@ -230,7 +230,7 @@ def _check_finite(logits: np.ndarray) -> None:
         )
 
 
-def _logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:
+def logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:
     """The chosen token's log-probability under the model and the top-k alternatives."""
     lp = log_softmax(logits)
     top = np.argpartition(-lp, min(k, len(lp)) - 1)[:k]

@@ -1,0 +1,299 @@
+"""Continuous batching: one thread owns a session with `max_batch` sequence slots and serves requests
+as they come.
+
+Each iteration of the loop
+  1. frees the slots of finished or cancelled requests and admits queued requests into free slots;
+  2. prefills one chunk (at most `Session.prefill_chunk` tokens) of one admitted prompt, taking
+     prompts in turn, so a long prompt delays the others' next token by one chunk, not by its whole
+     prefill;
+  3. decodes one token for every sequence past its prompt, in one pass over the weights.
+
+A request's tokens come from the same `generation.Sequence` that `GPT2.generate` uses, its prompt is
+prefilled in the chunks one `prefill` call makes, and a decode step gives each row bitwise the
+logits it gets alone: so a greedy or seeded request gets exactly what `picogpt-fast run` gives it,
+whatever else is running. Events go to each request's `sink` (called on this thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import PicoGPTError
+from .generation import Sequence, logprob_entry
+from .sampling import SamplingParams
+
+
+class QueueFull(PicoGPTError):
+    """The request queue is full: try again later."""
+
+
+class ShuttingDown(PicoGPTError):
+    """The server no longer takes requests."""
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `sink(kind, payload)` receives ("tokens", (ids, text, logprob
+    entries)), then ("done", Completion) or ("error", message)."""
+
+    prompt: list[int]
+    budget: int
+    params: SamplingParams
+    sink: Callable[[str, object], None]
+    stop: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+    logprobs: int = 0
+    prompt_logprobs: bool = False  # also the log-probability of each prompt token (echo with logprobs)
+    cancelled: bool = False  # set by the caller; the slot is freed at the next step
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class _Slot:
+    def __init__(self, request: Request, seq: Sequence):
+        self.request, self.seq = request, seq
+        self.filled = 0  # prompt tokens prefilled
+        self.released = 0  # generated tokens sent to the sink
+        self.chose = False  # whether the first token was chosen (time to first token)
+        self.prompt_rows: list[np.ndarray] = []  # logits rows of the prompt, when its logprobs are wanted
+
+
+class Scheduler:
+    """Serves `Request`s on `model` with up to `max_batch` decoding together and `max_queue` waiting."""
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+        self.model, self.max_batch, self.max_queue, self.metrics = model, max_batch, max_queue, metrics
+        self.session = model.session(max_batch, model.config.n_ctx)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.queue: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.accepting, self.running, self.stopping = True, True, False
+        self.turn = 0  # the slot whose prompt prefills next
+        self.peak_busy = 0  # the most slots ever held at once
+        self.thread: threading.Thread | None = None  # the thread running the loop
+        self.finished = threading.Event()
+
+    def start(self) -> "Scheduler":
+        """Run the loop on a new thread."""
+        self.thread = threading.Thread(target=self.run, name="picogpt-fast scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        """Run the loop on this thread until stop(). `serve` runs it on the main thread: with
+        libgomp (Numba's 'omp' layer), parallel kernels launched from another thread decode
+        ~1.5x slower on 2 cores (its worker threads sleep between kernels instead of spinning)."""
+        self.thread = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self.finished.set()
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests (all or none): QueueFull when they do not fit, ShuttingDown after stop()."""
+        with self.wake:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.queue) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting (at most {self.max_queue}); retry later")
+            self.queue.extend(requests)
+            self._gauges()
+            self.wake.notify()
+
+    def drain(self) -> None:
+        """Take no more requests; the queued and running ones go on."""
+        with self.wake:
+            self.accepting = False
+
+    def stop(self, grace: float) -> None:
+        """Take no more requests; let the queued and running ones finish for up to `grace` seconds,
+        then cancel what is left, and end the loop."""
+        self.drain()
+        self.stopping = True
+        deadline = time.monotonic() + grace
+        while (self.queue or any(self.slots)) and time.monotonic() < deadline and self.thread is not None and not self.finished.is_set():
+            time.sleep(0.01)
+        with self.wake:
+            while self.queue:
+                _tell(self.queue.popleft(), "error", "cancelled: the server is shutting down")
+            for slot in self.slots:
+                if slot is not None:
+                    slot.request.cancelled = True
+            self.running = False
+            self.wake.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.finished.wait(timeout=5)
+
+    @property
+    def busy(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # ------------------------------------------------------------------ the loop
+    def cancel(self, request: Request) -> None:
+        """Drop a request (its client went away): its slot is freed at the next step."""
+        with self.wake:
+            request.cancelled = True
+            self.wake.notify()
+
+    def _loop(self) -> None:
+        while self.running or any(self.slots):
+            try:
+                self._retire_cancelled()
+                self._admit()
+                worked = self._prefill_chunk()
+                worked = self._decode_step() or worked
+            except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
+                traceback.print_exc()
+                for i, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._fail(i, f"internal error: {type(e).__name__}: {e}")
+                self.session.reset()
+                continue
+            if not worked:
+                with self.wake:
+                    if self.running and not self.queue and not any(s is not None and s.request.cancelled for s in self.slots):
+                        self.wake.wait(timeout=0.5)
+
+    def _admit(self) -> None:
+        with self.wake:
+            for i, slot in enumerate(self.slots):
+                if slot is None and self.queue and self.running:
+                    r = self.queue.popleft()
+                    seq = Sequence(r.prompt, r.budget, r.params, self.model.tokenizer, stop=r.stop,
+                                   stop_at_eos=r.stop_at_eos, eos_id=self.model.eos_id, logprobs=r.logprobs)  # fmt: skip
+                    self.slots[i] = _Slot(r, seq)
+                    self.session.reset(i)
+            self._gauges()
+
+    def _retire_cancelled(self) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.request.cancelled:
+                self._end(i, "cancelled")
+
+    def _prefill_chunk(self) -> bool:
+        """Prefill one chunk of the next prompt still being read; True if there was one."""
+        for k in range(self.max_batch):
+            i = (self.turn + k) % self.max_batch
+            slot = self.slots[i]
+            if slot is None or slot.filled == len(slot.request.prompt):
+                continue
+            self.turn = i + 1
+            r = slot.request
+            if r.budget == 0 and not r.prompt_logprobs:  # nothing to generate: nothing to compute
+                slot.filled = len(r.prompt)
+                self._end(i, "done")
+                return True
+            begin, end = self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0]
+            begin, end = slot.filled + begin, slot.filled + end
+            try:
+                logits = self.session.prefill(r.prompt[begin:end], seq=i, all_logits=r.prompt_logprobs)
+            except PicoGPTError as e:
+                self._fail(i, str(e))
+                return True
+            slot.filled = end
+            if r.prompt_logprobs:
+                slot.prompt_rows.append(logits.copy())
+                logits = logits[-1]
+            if end == len(r.prompt):
+                if r.prompt_logprobs:
+                    self._send_prompt_logprobs(slot)
+                if r.budget == 0:
+                    self._end(i, "done")
+                else:
+                    self._accept(i, logits)
+            return True
+        return False
+
+    def _decode_step(self) -> bool:
+        rows = [i for i, s in enumerate(self.slots) if s is not None and s.filled == len(s.request.prompt)]
+        if not rows:
+            return False
+        try:
+            logits = self.session.decode([self.slots[i].seq.last for i in rows], rows)
+        except PicoGPTError as e:
+            for i in rows:
+                self._fail(i, str(e))
+            return True
+        for row, i in enumerate(rows):
+            self._accept(i, logits[row])
+        return True
+
+    def _accept(self, i: int, logits: np.ndarray) -> None:
+        slot = self.slots[i]
+        try:
+            ids, text, more = slot.seq.accept(logits)
+        except PicoGPTError as e:
+            self._fail(i, str(e))
+            return
+        if not slot.chose and self.metrics is not None:
+            self.metrics.first_token(time.perf_counter() - slot.request.submitted)
+        slot.chose = True
+        self._send(slot, ids, text)
+        if not more:
+            self._end(i, "done")
+
+    def _send(self, slot: _Slot, ids: list[int], text: str) -> None:
+        """Pass released tokens on, each log-probability entry with the offset of its token's text."""
+        if not (ids or text):
+            return
+        entries = []
+        if slot.request.logprobs:
+            ends = slot.seq.output.token_ends
+            for k in range(slot.released, slot.released + len(ids)):
+                entry = dict(slot.seq.completion.logprobs[k])
+                entry["offset"] = min(ends[k - 1], len(slot.seq.output.text)) if k else 0
+                entries.append(entry)
+        slot.released += len(ids)
+        if self.metrics is not None and ids:
+            self.metrics.generated(len(ids))
+        _tell(slot.request, "tokens", (ids, text, entries))
+
+    def _send_prompt_logprobs(self, slot: _Slot) -> None:
+        """Each prompt token's log-probability given the ones before it, with the top alternatives
+        (None for the first token, which nothing predicts)."""
+        rows = np.concatenate(slot.prompt_rows)
+        prompt, k = slot.request.prompt, slot.request.logprobs
+        tokenizer = self.model.tokenizer
+        entries = [None] + [logprob_entry(rows[t - 1], prompt[t], k, tokenizer) for t in range(1, len(prompt))]
+        _tell(slot.request, "prompt_logprobs", entries)
+        slot.prompt_rows = []
+
+    def _end(self, i: int, how: str) -> None:
+        slot = self.slots[i]
+        if how == "done":
+            ids, text = slot.seq.finish()
+            self._send(slot, ids, text)
+            _tell(slot.request, "done", slot.seq.completion)
+        elif how == "cancelled":
+            _tell(slot.request, "error", "cancelled: the server is shutting down" if self.stopping else "cancelled")
+        self.slots[i] = None
+        self.session.reset(i)
+        with self.wake:
+            self._gauges()
+
+    def _fail(self, i: int, message: str) -> None:
+        _tell(self.slots[i].request, "error", message)
+        self.slots[i] = None
+        self.session.reset(i)
+        with self.wake:
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.peak_busy = max(self.peak_busy, self.busy)
+        if self.metrics is not None:
+            self.metrics.occupancy(self.busy, len(self.queue))
+
+
+def _tell(request: Request, kind: str, payload) -> None:
+    """Deliver an event; a sink that fails cancels its own request, not the others."""
+    try:
+        request.sink(kind, payload)
+    except Exception:
+        traceback.print_exc()
+        request.cancelled = True
