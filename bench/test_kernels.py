@@ -8,9 +8,11 @@ import numba
 import numpy as np
 import pytest
 
+from picogpt_fast import dtypes
 from picogpt_fast import kernels as K
 from picogpt_fast import reference as R
-from picogpt_fast.engine import KVCache, max_threads
+from picogpt_fast.engine import KVCache
+from picogpt_fast.threads import max_threads
 
 from .conftest import throughput
 
@@ -27,10 +29,6 @@ def randn(*shape, scale=1.0):
 def readonly(a):
     a.flags.writeable = False
     return a
-
-
-def scratch(rows, cols):
-    return np.zeros((max_threads(), rows * cols), F32)
 
 
 @pytest.mark.parametrize("rows", [1, 256])
@@ -52,7 +50,7 @@ def test_gelu(benchmark, record, impl):
     out = np.empty_like(y)
     record("bias + gelu 256x3072")
     if impl == "numba":
-        benchmark(K.bias_epilogue, y, b, out, K.GELU)
+        benchmark(K.bias_epilogue, y, b, out, K.GELU, 0)
     else:
         benchmark(lambda: R.gelu(y + b))
     throughput(benchmark, y.nbytes / 1e9, "GB/s")
@@ -82,14 +80,21 @@ def test_attention(benchmark, record, impl, case):
 
     cache = KVCache(GPT2Config(n_vocab=1, n_ctx=1024), 1, 1024)
     seq, pos = np.zeros(total, np.int64), np.arange(total, dtype=np.int64)
-    K.store_kv(np.concatenate([np.zeros((total, E), F32), kv], axis=1), seq, pos, cache.k[0], cache.vt[0])
+    K.store_kv(np.concatenate([np.zeros((total, E), F32), kv], axis=1), seq, pos, cache.k[0], cache.v[0])
     out = np.empty((n, E), F32)
     scores = np.zeros((max_threads(), 1024), F32)
     record(f"attention {case}", pairs=H * n * (start + (n + 1) / 2))
     if impl == "numba":
-        benchmark(K.attention, qkv, seq[:n], pos[start:], cache.k[0], cache.vt[0], F32(1 / 8), out, scores)
+        benchmark(K.attention, qkv, seq[:n], pos[start:], cache.k[0], cache.v[0], F32(1 / 8), out, scores, 0)
     else:
         benchmark(attention_numpy, qkv[:, :E], kv[:, :E], kv[:, E:], start)
+
+
+def weights(n, k, dtype):
+    """An [n, k] weight matrix stored as the engine stores it (`dtypes.convert`), read-only."""
+    m = dtypes.convert(randn(n, k, scale=0.02), dtype, "w")
+    dtypes.readonly_matrix(m)
+    return m
 
 
 @pytest.mark.parametrize("shape", [(768, 2304), (768, 3072), (3072, 768)])
@@ -98,27 +103,40 @@ def test_attention(benchmark, record, impl, case):
 def test_linear(benchmark, record, impl, rows, shape):
     """One row: a decode step, bound by memory bandwidth (GB/s). 256 rows: a prompt (GFLOP/s)."""
     k, n = shape
-    x, w, b = randn(rows, k), readonly(randn(k, n, scale=0.02)), readonly(randn(n))
+    x, w, b = randn(rows, k), weights(n, k, "float32"), readonly(randn(n))
     out = np.empty((rows, n), F32)
-    acc = scratch(rows, n)
     record(f"linear {rows}x{k}x{n}")
     if impl == "numba":
-        benchmark(K.linear, x, w, b, out, K.STORE, acc, numba.get_num_threads())
+        benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES["float32"], b, out, K.STORE, numba.get_num_threads())
     else:
-        benchmark(lambda: np.matmul(x, w, out=out))
+        wt = np.ascontiguousarray(w.data.T)
+        benchmark(lambda: np.matmul(x, wt, out=out))
     if rows == 1:
-        throughput(benchmark, w.nbytes / 1e9, "GB/s")
+        throughput(benchmark, w.data.nbytes / 1e9, "GB/s")
     else:
         throughput(benchmark, 2 * rows * k * n / 1e9, "GFLOP/s")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_linear_matvec_dtypes(benchmark, record, dtype):
+    """A decode-step product (768 -> 3072) per weight dtype: GB/s counts the bytes read (weights
+    and int8 scales), so a low dtype at full speed shows the same GB/s and a higher rows/s."""
+    x, w, b = randn(1, 768), weights(3072, 768, dtype), readonly(randn(3072))
+    out = np.empty((1, 3072), F32)
+    record(f"linear 1x768x3072 {dtype}")
+    benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES[dtype], b, out, K.STORE, numba.get_num_threads())
+    throughput(benchmark, (w.data.nbytes + w.scale.nbytes) / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("impl", ["numba", "numpy"])
-def test_output_projection(benchmark, record, impl):
-    x, wte = randn(1, E), readonly(randn(V, E, scale=0.02))
-    out = np.empty((1, V), F32)
-    record("output projection 768x50257")
+def test_output_projection(benchmark, record, impl, dtype):
+    x, wte = randn(1, E), weights(V, E, dtype)
+    out, zero = np.empty((1, V), F32), np.zeros(V, F32)
+    record(f"output projection 768x50257 {dtype}")
     if impl == "numba":
-        benchmark(K.logits, x, wte, out)
+        benchmark(K.linear, x, wte.data, wte.scale, dtypes.DTYPES[dtype], zero, out, K.STORE, numba.get_num_threads())
     else:
-        benchmark(lambda: np.matmul(x, wte.T, out=out))
-    throughput(benchmark, wte.nbytes / 1e9, "GB/s")
+        values = dtypes.dequantize(wte, dtype)
+        benchmark(lambda: np.matmul(x, values.T, out=out))
+    throughput(benchmark, (wte.data.nbytes + wte.scale.nbytes) / 1e9, "GB/s")
