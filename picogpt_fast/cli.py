@@ -27,6 +27,8 @@ Examples:
   picogpt-fast tokenize --decode "15496 995"     # Hello world
   picogpt-fast score essay.txt --json
   picogpt-fast score essay.txt --dtype int8 --against float32
+  picogpt-fast score --dataset corpus.parquet --out scored.parquet --column text
+  picogpt-fast run --dataset prompts.jsonl --out continuations.jsonl -n 40
   picogpt-fast convert gpt2 --dtype int8 -o gpt2-int8
   picogpt-fast bench --shape 124M
   picogpt-fast warmup
@@ -55,6 +57,66 @@ _dtype_option = click.option(
     help="Weight dtype: float32 (default; or the dtype of a folder written by `convert`), float16, bfloat16 or "
     "int8 (one scale per 32 inputs). Converted once and cached (PICOGPT_FAST_CACHE).",
 )  # fmt: skip
+
+
+def _dataset_options(column_default: str):
+    """--dataset/--out and the Ray options shared by `run` and `score`."""
+    options = [
+        click.option("--dataset", default=None, help="Rows to process with Ray Data: a .parquet, .jsonl/.json or .csv file, a folder of them, "
+                     "or a URI (s3://...) (pip install 'picogpt-fast[ray]')."),
+        click.option("--out", default=None, help="With --dataset: where the rows go with their results: a .parquet, .jsonl or .csv file, "
+                     "or a folder of Parquet files."),
+        click.option("--column", default=column_default, show_default=True, help="With --dataset: the column holding the text."),
+        click.option("--ray-address", default=None, help="With --dataset: a Ray cluster to join (auto, ray://host:10001); default: start a local one."),
+        click.option("--actors", type=int, default=None, help="With --dataset: model replicas (default: the cluster's CPUs / --cpus-per-actor)."),
+        click.option("--cpus-per-actor", type=float, default=1.0, show_default=True, help="With --dataset: CPUs (threads) per replica."),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="With --dataset: rows per call to a replica."),
+    ]  # fmt: skip
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _run_dataset(kind: str, dataset, out, quiet, ray_address, **kwargs) -> None:
+    """Process --dataset into --out with Ray (the options were checked by the caller's dataset function)."""
+    from . import ray as rd
+
+    if out is None:
+        raise InvalidArgumentError("--dataset needs --out (a .parquet, .jsonl or .csv file, or a folder)")
+    # everything that can be checked is checked before Ray starts (which takes seconds)
+    rd.check_paths(dataset, out)
+    rd.check_pool(kwargs["actors"], kwargs["cpus_per_actor"], kwargs["batch_size"])
+    config = rd.check_model(kwargs["model"], kwargs["dtype"], kwargs["revision"])
+    if kind == "run":
+        from . import validate
+
+        validate.integer("--max-new-tokens", kwargs["max_new_tokens"], 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
+    t0 = time.perf_counter()
+    rd.connect(ray_address)
+    ds = rd.read(dataset)
+    result = (rd.score_dataset if kind == "score" else rd.generate_dataset)(ds, **kwargs)
+    rows = rd.write(result, out)
+    _info(quiet, f"wrote {rows} rows to {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def _no_dataset_options(command: str, dataset, out, **given) -> None:
+    if out is not None and dataset is None:
+        raise InvalidArgumentError(f"--out goes with --dataset (picogpt-fast {command} --dataset IN --out OUT)")
+    if dataset is None:
+        changed = [name for name, (value, default) in given.items() if value != default]
+        if changed:
+            raise InvalidArgumentError(f"{changed[0]} goes with --dataset")
+
+
+def _refuse_with_dataset(others: dict) -> None:
+    """--dataset writes to --out: the options of a single-process run (given as name: value) clash with it."""
+    clash = next((name for name, value in others.items() if value), None)
+    if clash:
+        raise InvalidArgumentError(f"--dataset writes its results to --out; it cannot be combined with {clash}")
 
 
 def _model_name(model: str, models_dir: str | None) -> str:
@@ -119,15 +181,31 @@ def cli():
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K alternatives per generated token.")
 @click.option("--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Prompts, one per line, generated as a batch.")
 @click.option("--jsonl", "jsonl_file", type=click.Path(dir_okay=False), default=None, help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.')
+@_dataset_options("prompt")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, threads, echo, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ignore_eos, clip, stream, as_json, logprobs, prompt_file,
-        jsonl_file, quiet):  # fmt: skip
-    """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>)."""
+        jsonl_file, dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, quiet):  # fmt: skip
+    """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>).
+
+    With --dataset, generate for every row of a dataset with Ray Data and write the rows with
+    `text`, `ids`, `stop_reason` and `error` added to --out."""
     from .sampling import SamplingParams
 
     # built (and so checked) before anything is loaded
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    _no_dataset_options("run", dataset, out, **{"--column": (column, "prompt"), "--ray-address": (ray_address, None), "--actors": (actors, None),
+                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
+    if dataset is not None:
+        _refuse_with_dataset({"PROMPT": prompt is not None, "--file": prompt_file, "--jsonl": jsonl_file, "--stream": stream, "--echo": echo,
+                  "--json": as_json, "--logprobs": logprobs, "--clip": clip, "--backend numpy": backend != "numba",
+                  "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
+        return _run_dataset(
+            "run", dataset, out, quiet, ray_address, model=_model_name(model, models_dir), column=column, max_new_tokens=max_new_tokens,
+            dtype=dtype, revision=revision, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=[_utf8(x, "--stop") for x in stop], stop_at_eos=not ignore_eos,
+            actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+        )  # fmt: skip
     batch = prompt_file is not None or jsonl_file is not None
     if batch and prompt is not None:
         raise InvalidArgumentError("give either PROMPT or --file/--jsonl, not both")
@@ -327,7 +405,7 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
 
 # --------------------------------------------------------------------------- score
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
 @_model_option
 @_models_dir_option
 @_revision_option
@@ -339,12 +417,27 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
                    "and how often both rank the same token first.")  # fmt: skip
 @click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"} (and the comparison with --against).')
+@_dataset_options("text")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def score(file, model, models_dir, revision, backend, dtype, threads, against, stride, as_json, quiet):
-    """Mean negative log-likelihood and perplexity of FILE's text under the model."""
+def score(file, model, models_dir, revision, backend, dtype, threads, against, stride, as_json, dataset, out, column, ray_address,
+          actors, cpus_per_actor, batch_size, quiet):  # fmt: skip
+    """Mean negative log-likelihood and perplexity of FILE's text under the model.
+
+    With --dataset, score every row of a dataset with Ray Data and write the rows with `tokens`,
+    `nll`, `perplexity` and `error` added to --out."""
     import math
 
     import numpy as np
+
+    _no_dataset_options("score", dataset, out, **{"--column": (column, "text"), "--ray-address": (ray_address, None), "--actors": (actors, None),
+                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
+    if dataset is not None:
+        _refuse_with_dataset({"FILE": file, "--against": against, "--json": as_json, "--backend numpy": backend != "numba",
+                  "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
+        return _run_dataset("score", dataset, out, quiet, ray_address, model=_model_name(model, models_dir), column=column, dtype=dtype,
+                            revision=revision, stride=stride, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size)  # fmt: skip
+    if file is None:
+        raise InvalidArgumentError("score needs FILE (or --dataset IN --out OUT)")
 
     text = _read_text(Path(file))
     if not text:

@@ -1,0 +1,232 @@
+"""Datasets with Ray Data (picogpt_fast.ray and `--dataset`): on a local Ray instance of 2 CPUs with
+2 actors, results bitwise the single-process engine's, every row once with its own columns, malformed
+rows recorded, a killed actor replaced, Parquet and JSONL round trips, bad options refused early."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")  # CI installs it: these run there
+pq = pytest.importorskip("pyarrow.parquet")
+
+from picogpt_fast import GPT2  # noqa: E402
+from picogpt_fast.checkpoint import save_pretrained  # noqa: E402
+from picogpt_fast.ray import generate_dataset, score_dataset  # noqa: E402
+from picogpt_fast.weights import random_weights  # noqa: E402
+
+from .conftest import make_config  # noqa: E402
+
+TEXTS = ["Alan Turing theorized that computers would one day become", "Once upon a time", "Hello world, hello world.",
+         "Ünïcödé ☃ and emoji 🙂 in a row", "def f(x):\n    return x * 2\n", "A" * 300, "The the the the the"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance with 2 CPUs for the whole module, as CI runs it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer_dir):
+    config = make_config("small", n_ctx=256)
+    out = tmp_path_factory.mktemp("ray-model")
+    save_pretrained(out, config, random_weights(config, seed=5, std=0.25), tokenizer_dir=tokenizer_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return GPT2.from_pretrained(folder)
+
+
+def rows(n: int) -> list[dict]:
+    return [{"id": i, "doc": f"doc-{i}", "text": TEXTS[i % len(TEXTS)] + f" row {i}" * (i % 4)} for i in range(n)]
+
+
+def nll(model, text) -> float:
+    lp = model.score(text)
+    return float(-lp[~np.isnan(lp)].mean())
+
+
+def test_scores_are_the_single_process_engine_s_whatever_the_batching(local_ray, folder, model):
+    data = rows(40)
+    for batch_size in (1, 7):
+        out = score_dataset(ray.data.from_items(data), str(folder), actors=2, batch_size=batch_size).take_all()
+        assert sorted(r["id"] for r in out) == list(range(40))  # every row once
+        for r in out:
+            row = data[r["id"]]
+            assert (r["doc"], r["text"]) == (row["doc"], row["text"])  # input columns kept
+            assert r["error"] is None
+            assert r["tokens"] == len(model.tokenizer.encode(row["text"]))
+            assert r["nll"] == nll(model, row["text"])  # bitwise
+            assert r["perplexity"] == math.exp(r["nll"])
+
+
+def test_long_text_is_scored_in_windows_like_score(local_ray, folder, model):
+    text = " ".join(TEXTS) * 12  # several contexts long
+    assert len(model.tokenizer.encode(text)) > 2 * model.config.n_ctx
+    (r,) = score_dataset(ray.data.from_items([{"text": text}]), str(folder), actors=1, stride=100).take_all()
+    lp = model.score(text, stride=100)
+    assert r["nll"] == float(-lp[~np.isnan(lp)].mean())
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.9, "seed": 7}])
+def test_generations_are_the_single_process_engine_s(local_ray, folder, model, sampling):
+    prompts = [{"key": i, "prompt": TEXTS[i % len(TEXTS)][: 10 + i]} for i in range(24)]
+    out = generate_dataset(ray.data.from_items(prompts), str(folder), max_new_tokens=12, actors=2, batch_size=5, **sampling).take_all()
+    assert sorted(r["key"] for r in out) == list(range(24))
+    for r in out:
+        (expect,), _ = model.complete([r["prompt"]], 12, **sampling)
+        assert (r["ids"], r["text"], r["stop_reason"], r["error"]) == (expect.ids, expect.text, expect.stop_reason, None)
+
+
+def test_malformed_rows_are_recorded_and_the_job_goes_on(local_ray, folder, model):
+    data = [{"id": 0, "text": "fine text here"}, {"id": 1, "text": None}, {"id": 2, "text": "x"}, {"id": 3, "text": "also fine"}]
+    out = {r["id"]: r for r in score_dataset(ray.data.from_items(data), str(folder), actors=1).take_all()}
+    assert out[0]["error"] is None and out[3]["nll"] == nll(model, "also fine")
+    assert out[1]["error"] == "the row holds no text (null)" and out[1]["nll"] is None
+    assert "needs at least 2" in out[2]["error"] and out[2]["tokens"] == 1
+    out = score_dataset(ray.data.from_items([{"text": 5}, {"text": 7}]), str(folder), actors=1).take_all()
+    assert [r["error"] for r in out] == ["the row is not text (int)"] * 2  # a column of numbers
+    prompts = [{"prompt": "short"}, {"prompt": " word" * 300}, {"prompt": None}]
+    out = generate_dataset(ray.data.from_items(prompts), str(folder), max_new_tokens=5, actors=1).take_all()
+    by_error = sorted((r["error"] or "") for r in out)
+    assert by_error[0] == "" and "exceed the context of 256" in by_error[1] and "no text (null)" in by_error[2]
+    ok = next(r for r in out if r["error"] is None)
+    assert ok["ids"] == model.generate("short", 5)
+
+
+def test_a_killed_actor_is_replaced_and_its_rows_retried(local_ray, folder, model):
+    data = [{"id": i, "text": TEXTS[i % len(TEXTS)] * 4} for i in range(400)]
+    ds = score_dataset(ray.data.from_items(data), str(folder), actors=2, batch_size=4)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(rows=ds.take_all()))
+    job.start()
+    killed, deadline = None, time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and job.is_alive():
+        alive = _actor_pids("_Scorer")
+        if len(alive) == 2:
+            time.sleep(1.0)  # mid-job: both actors are working
+            os.kill(alive[0], signal.SIGKILL)
+            killed = alive[0]
+        time.sleep(0.05)
+    job.join(timeout=600)
+    assert killed is not None, "the job ended before an actor could be killed"
+    out = result["rows"]
+    assert sorted(r["id"] for r in out) == list(range(400))  # all there, none twice
+    for r in out[::37]:
+        assert r["nll"] == nll(model, r["text"])
+
+
+def _actor_pids(name: str) -> list[int]:
+    """Processes of Ray Data's actors of this class (titled "ray::MapWorker(MapBatches(Class))...")."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(f"ray::MapWorker(MapBatches({name}))".encode()):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return sorted(pids)
+
+
+def test_options_are_checked_before_any_work(local_ray, folder):
+    ds = ray.data.from_items([{"text": "hi there"}])
+    with pytest.raises(Exception, match="no column 'body'"):
+        score_dataset(ds, str(folder), column="body")
+    with pytest.raises(Exception, match="already has a column 'nll'"):
+        score_dataset(ray.data.from_items([{"text": "a b", "nll": 1.0}]), str(folder))
+    with pytest.raises(Exception, match="actors"):
+        score_dataset(ds, str(folder), actors=0)
+    with pytest.raises(Exception, match="cpus_per_actor"):
+        score_dataset(ds, str(folder), cpus_per_actor=0)
+    with pytest.raises(Exception, match="temperature"):
+        generate_dataset(ray.data.from_items([{"prompt": "a"}]), str(folder), temperature=-1)
+    with pytest.raises(Exception, match="max_new_tokens"):
+        generate_dataset(ray.data.from_items([{"prompt": "a"}]), str(folder), max_new_tokens=257)
+    with pytest.raises(Exception, match="neither an existing folder nor a Hub id"):
+        score_dataset(ds, str(folder / "missing"))
+
+
+# --------------------------------------------------------------------------- the commands
+def test_score_command_parquet_round_trip(local_ray, folder, model, tmp_path, cli):
+    import pyarrow as pa
+
+    data = rows(30)
+    pq.write_table(pa.Table.from_pylist(data), tmp_path / "in.parquet")
+    code, out, err = cli("score", "--model", folder, "--dataset", tmp_path / "in.parquet", "--out", tmp_path / "out.parquet", "--actors", "2")
+    assert code == 0, err
+    assert out == "" and "wrote 30 rows" in err
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column_names == ["id", "doc", "text", "tokens", "nll", "perplexity", "error"]
+    for r in table.to_pylist():
+        assert r["nll"] == nll(model, data[r["id"]]["text"]) and r["doc"] == f"doc-{r['id']}"
+
+
+def test_run_command_jsonl_round_trip(local_ray, folder, model, tmp_path, cli):
+    lines = [{"n": i, "prompt": TEXTS[i % len(TEXTS)][:20]} for i in range(12)] + [{"n": 12, "prompt": None}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    code, _, err = cli("run", "--model", folder, "--dataset", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "-n", "6",
+                       "--temperature", "0.8", "--seed", "3", "--batch-size", "5")  # fmt: skip
+    assert code == 0, err
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["n"] for r in out) == list(range(13))
+    for r in out:
+        if r["prompt"] is None:
+            assert r["error"] == "the row holds no text (null)" and r["ids"] is None
+            continue
+        assert r["ids"] == model.generate(r["prompt"], 6, temperature=0.8, seed=3)
+        assert r["text"] == model.tokenizer.decode(r["ids"]) and r["stop_reason"] == "length"
+
+
+def test_score_command_folder_in_folder_out(local_ray, folder, model, tmp_path, cli):
+    """A folder of JSONL files in, a folder of Parquet files out (as a cluster job writes them)."""
+    data = rows(20)
+    (tmp_path / "in").mkdir()
+    for part in range(3):
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data[part::3])
+        (tmp_path / "in" / f"part-{part}.jsonl").write_text(lines, encoding="utf-8")
+    code, _, err = cli("score", "--model", folder, "--dataset", tmp_path / "in", "--out", tmp_path / "out", "--batch-size", "3")
+    assert code == 0, err
+    table = pq.read_table(tmp_path / "out")
+    assert sorted(table.column("id").to_pylist()) == list(range(20))
+    for r in table.to_pylist():
+        assert r["nll"] == nll(model, data[r["id"]]["text"])
+    code, _, err = cli("score", "--model", folder, "--dataset", tmp_path / "in", "--out", tmp_path / "out")
+    assert code != 0 and "not empty" in err  # never mixed into an earlier job's output
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["score", "--dataset", "{tmp}/nope.parquet", "--out", "{tmp}/o.parquet"], "does not exist"),
+        (["score", "--dataset", "{tmp}/in.txt", "--out", "{tmp}/o.parquet"], "cannot tell the format"),
+        (["score", "--dataset", "{tmp}/in.jsonl"], "--dataset needs --out"),
+        (["score", "--out", "{tmp}/o.parquet"], "--out goes with --dataset"),
+        (["score", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.parquet", "--actors", "0"], "actors"),
+        (["score", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.parquet", "--against", "float32"], "--against"),
+        (["score", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.parquet", "--threads", "2"], "--cpus-per-actor"),
+        (["score", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/missing/o.parquet"], "does not exist"),
+        (["score", "{tmp}/in.txt", "--actors", "2"], "--actors goes with --dataset"),
+        (["run", "Hello", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.jsonl"], "PROMPT"),
+        (["run", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.jsonl", "-n", "300"], "--max-new-tokens"),
+        (["run", "--dataset", "{tmp}/in.jsonl", "--out", "{tmp}/o.jsonl", "--top-p", "0"], "top_p"),
+    ],
+)
+def test_bad_dataset_options_fail_in_one_line(folder, tmp_path, cli, args, words):
+    (tmp_path / "in.jsonl").write_text('{"text": "a b c", "prompt": "a"}\n')
+    (tmp_path / "in.txt").write_text("a b c")
+    code, out, err = cli(*[a.format(tmp=tmp_path) for a in args], "--model", folder)
+    assert code != 0 and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "o.jsonl").exists()
