@@ -198,7 +198,9 @@ def _map(ds, actor, model, dtype, revision, column, outputs, actors, cpus_per_ac
     threads = max(1, math.ceil(cpus_per_actor))
     return ds.map_batches(
         actor, fn_constructor_args=(str(model), dtype, revision, threads, *args), batch_size=batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+        # The pool starts one actor short of `actors` and grows when the input is flowing: with every
+        # CPU held by an actor, the tasks that read the input (one CPU each) could never run.
+        compute=ray.data.ActorPoolStrategy(min_size=max(1, actors - 1), max_size=actors), num_cpus=cpus_per_actor,
         runtime_env={"env_vars": {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}},
     )  # fmt: skip
 

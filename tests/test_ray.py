@@ -72,6 +72,16 @@ def test_scores_are_the_single_process_engine_s_whatever_the_batching(local_ray,
             assert r["perplexity"] == math.exp(r["nll"])
 
 
+def test_reads_that_need_a_cpu_still_run_beside_the_actors(local_ray, folder, model, tmp_path):
+    """Ray's readers ask for a CPU per task; a pool holding every CPU from the start would wait forever."""
+    data = rows(12)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    ds = ray.data.read_json(str(tmp_path / "in.jsonl"))  # Ray's defaults: one CPU per read task
+    out = score_dataset(ds, str(folder), batch_size=2).take_all()  # default pool: as many actors as CPUs
+    assert sorted(r["id"] for r in out) == list(range(12))
+    assert all(r["nll"] == nll(model, data[r["id"]]["text"]) for r in out)
+
+
 def test_long_text_is_scored_in_windows_like_score(local_ray, folder, model):
     text = " ".join(TEXTS) * 12  # several contexts long
     assert len(model.tokenizer.encode(text)) > 2 * model.config.n_ctx
