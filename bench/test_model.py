@@ -4,6 +4,7 @@ on the engine and on picoGPT's reference, batched decode, and transformers when 
 import numpy as np
 import pytest
 
+from picogpt_fast import GPT2
 from picogpt_fast.benchmark import decode_bytes_per_token, decode_steps, time_prefill
 
 from .conftest import throughput
@@ -61,14 +62,31 @@ def test_seed_workload(benchmark, record, engine124, reference124, backend):
     throughput(benchmark, 32, "tok/s")
 
 
+@pytest.fixture(scope="module")
+def engines124(config124, weights124, engine124):
+    """The 124M engine in every weight dtype (built once per module)."""
+    made = {"float32": engine124}
+
+    def get(dtype: str) -> GPT2:
+        if dtype not in made:
+            made[dtype] = GPT2(config124, weights124, dtype=dtype)
+        return made[dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("batch", [1, 4, 8, 16])
-def test_batched_decode(benchmark, record, engine124, batch):
+def test_batched_decode(benchmark, record, engines124, batch, dtype):
+    """Sequences decoded together share one pass over the weights: total tok/s per batch size, in
+    every weight dtype."""
+    model = engines124(dtype)
     prompts = [prompt(16 + 3 * i) for i in range(batch)]
 
     def run():
-        engine124.generate_batch(prompts, 16, stop_at_eos=False)
+        model.generate_batch(prompts, 16, stop_at_eos=False)
 
-    record("batched generation, 16 new tokens per prompt", batch=batch)
+    record(f"batched generation, 16 new tokens per prompt, {dtype}", batch=batch)
     benchmark.pedantic(run, warmup_rounds=1, rounds=3)
     throughput(benchmark, 16 * batch, "tok/s")
 
