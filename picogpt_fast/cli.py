@@ -366,15 +366,22 @@ def _load(resolved, backend, dtype, threads, quiet):
     from .model import GPT2
 
     t0 = time.perf_counter()
-    gpt = GPT2(resolved.config, loader.load_weights(resolved, dtype), resolved.tokenizer, backend=backend, threads=threads)
+    weights = loader.load_weights(resolved, dtype)
+    compiling = 0.0
+    if backend == "numba":  # kernels compiled (on an empty cache) now, not inside the first timing
+        from .warmup import ensure_cached
+
+        compiling = ensure_cached(getattr(weights, "dtype", "float32"), lambda text: _info(quiet, f"picogpt-fast: {text}"))
+        t0 += compiling
+    gpt = GPT2(resolved.config, weights, resolved.tokenizer, backend=backend, threads=threads)
     _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) "
                  f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
-    if backend == "numba":  # kernels compiled (on an empty cache) now, not inside the first timing
+    if backend == "numba":  # cached kernels loaded now (or, with no cache, compiled), not inside the first timing
         from .warmup import ensure_compiled
 
         done = ensure_compiled(gpt.dtype, threads, lambda text: _info(quiet, f"picogpt-fast: {text}"))
-        if done.compiled:
-            _info(quiet, f"compiled {done.compiled} kernels in {done.seconds:.1f} s (cached in {done.cache_dir})")
+        if done.compiled or compiling:
+            _info(quiet, f"compiled {done.compiled or done.loaded} kernels in {done.seconds + compiling:.1f} s (cached in {done.cache_dir})")
     return gpt
 
 

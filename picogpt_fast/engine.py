@@ -113,6 +113,9 @@ class NumbaBackend:
         self.weights = weights
         self.threads = T.check(threads)
         self.team = T.TeamSize(self.threads)  # how many of them decode steps use, measured
+        from .warmup import ensure_cached
+
+        ensure_cached(weights.dtype)  # compiled in a child process if need be, so this one runs cached code
         try:
             layer = threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
         except ValueError as e:  # numba: "No threading layer could be loaded."
