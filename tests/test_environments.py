@@ -168,3 +168,31 @@ def test_sigint(long_model, mode):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert b"Traceback" not in err
+
+
+SCORE_IN_A_PROCESS = """
+import json, sys
+import numpy as np
+from picogpt_fast import GPT2
+m = GPT2.from_pretrained(sys.argv[1])
+text = " ".join(["Alan Turing theorized that computers would one day become", "Ünïcödé ☃ and emoji 🙂", "A" * 300] * 4)
+lp = m.score(text)
+print(json.dumps({"nll": float(-lp[~np.isnan(lp)].mean()), "logits": m.forward(m.tokenizer.encode(text)[:200]).sum(dtype=np.float64)}))
+"""
+
+
+def test_a_process_on_an_empty_kernel_cache_gets_what_later_processes_get(tmp_path, tokenizer_dir):
+    """Numba's freshly compiled parallel kernels can round differently from the same kernels loaded
+    from its cache; the first process (which finds the cache empty) must still get bitwise what
+    every later one gets: it compiles in a child process and runs the cached code."""
+    from picogpt_fast.checkpoint import save_pretrained
+    from picogpt_fast.weights import random_weights
+
+    config = make_config("small", n_ctx=256)
+    save_pretrained(tmp_path / "m", config, random_weights(config, seed=5, std=0.25), tokenizer_dir=tokenizer_dir)
+    env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
+    runs = [subprocess.run([PYTHON, "-c", SCORE_IN_A_PROCESS, str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=900)
+            for _ in range(2)]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert "compiling the engine's kernels" in runs[0].stderr and "compiling" not in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout  # bitwise: the same digits
