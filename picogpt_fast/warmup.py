@@ -94,10 +94,9 @@ def ensure_cached(dtype: str, notice=None) -> float:
     not, so that this process loads them (see the module's docstring). Returns the seconds spent
     compiling (0.0 when the cache had them). `notice(text)` is called once if compiling takes
     long. No-op inside compile_all, and when kernels cannot be cached."""
-    import numba
+    from .kernels import jit  # first: it checks Numba's environment variables before Numba reads them
 
-    from .kernels import jit
-
+    numba = jit.numba
     if not jit.CACHE or getattr(_in_compile_all, "active", False) or os.environ.get("PICOGPT_FAST_COMPILING") == "1":
         return 0.0
     marker = _marker(dtype)

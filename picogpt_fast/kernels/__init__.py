@@ -1,6 +1,7 @@
 """Numba kernels: each a short function over C-contiguous float32 arrays that writes into
 caller-provided buffers and allocates nothing. Flags live in `jit.py`."""
 
+from .. import numba_env  # noqa: F401  (first: Numba's environment checked before Numba reads it)
 from .activations import ADD, GELU, STORE, bias_epilogue, gelu
 from .attention import attention, causal_softmax, store_kv
 from .embedding import embed
