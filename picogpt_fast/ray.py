@@ -289,7 +289,7 @@ def write(ds, path: str) -> int:
             elif suffix == ".csv":
                 import pyarrow.csv as pc
 
-                pc.write_csv(table, stream, pc.WriteOptions(include_header=rows == 0))
+                pc.write_csv(_lists_as_json(table), stream, pc.WriteOptions(include_header=rows == 0))
             else:
                 _write_json_lines(table, stream)
             rows += table.num_rows
@@ -300,6 +300,19 @@ def write(ds, path: str) -> int:
 
             pq.write_table(pa.table({}), stream)
     return rows
+
+
+def _lists_as_json(table):
+    """CSV has no lists: list columns (the generated `ids`) are written as JSON text, "[464, 2068]"."""
+    import json
+
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            text = [None if v is None else json.dumps(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(text, type=pa.string()))
+    return table
 
 
 def _write_json_lines(table, stream) -> None:

@@ -200,6 +200,19 @@ def test_run_command_jsonl_round_trip(local_ray, folder, model, tmp_path, cli):
         assert r["text"] == model.tokenizer.decode(r["ids"]) and r["stop_reason"] == "length"
 
 
+def test_run_command_csv_out_writes_ids_as_json(local_ray, folder, model, tmp_path, cli):
+    import csv
+
+    (tmp_path / "in.csv").write_text('key,prompt\n1,Once upon a time\n2,"Hello, world"\n', encoding="utf-8")
+    code, _, err = cli("run", "--model", folder, "--dataset", tmp_path / "in.csv", "--out", tmp_path / "out.csv", "-n", "4")
+    assert code == 0, err
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        out = {int(r["key"]): r for r in csv.DictReader(f)}
+    assert sorted(out) == [1, 2]
+    for r in out.values():
+        assert json.loads(r["ids"]) == model.generate(r["prompt"], 4) and r["text"] == model.tokenizer.decode(json.loads(r["ids"]))
+
+
 def test_score_command_folder_in_folder_out(local_ray, folder, model, tmp_path, cli):
     """A folder of JSONL files in, a folder of Parquet files out (as a cluster job writes them)."""
     data = rows(20)
