@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,14 @@ def make_config(shape: str, **overrides) -> GPT2Config:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir):
-    """model_dir(shape, **options) -> a folder with a random checkpoint of that shape (cached per session)."""
+    """model_dir(shape, **options) -> a folder with a random checkpoint of that shape (cached per session);
+    keyword arguments other than the weights' options override the shape's config (n_ctx=256, ...)."""
     made: dict = {}
 
-    def make(shape: str = "small", seed: int = 0, std: float = STD, prefix: str = "", dtype=np.float32) -> Path:
-        key = (shape, seed, std, prefix, np.dtype(dtype).str)
+    def make(shape: str = "small", seed: int = 0, std: float = STD, prefix: str = "", dtype=np.float32, **config) -> Path:
+        key = (shape, seed, std, prefix, np.dtype(dtype).str, tuple(sorted(config.items())))
         if key not in made:
-            config = make_config(shape)
+            config = make_config(shape, **config)
             folder = tmp_path_factory.mktemp(f"model-{shape}")
             save_pretrained(folder, config, random_weights(config, seed=seed, std=std), tokenizer_dir=tokenizer_dir, prefix=prefix, dtype=dtype)
             made[key] = folder
@@ -112,3 +114,11 @@ def subprocess_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    """Poll `condition()` until it is true; fail with `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.002)

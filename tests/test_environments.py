@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, REPO, make_config, subprocess_env
+from .conftest import PYTHON, REPO, subprocess_env
 
 UNPRIVILEGED = (
     ["setpriv", "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked", "--bounding-set=-all", "--inh-caps=-all", "--"]
@@ -89,6 +89,7 @@ def test_read_only_install_without_a_writable_home(readable_model, tmp_path):
 def test_unwritable_weights_cache(readable_model, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
+    assert cli("run", "Hello", "--model", readable_model, "-n", 1, "--dtype", "int8").returncode == 0  # int8 kernels cached: no compile notice below
     r = cli("run", "Hello", "--model", readable_model, "-n", 3, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE=str(locked / "cache")), unprivileged=True)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
     notices = [line for line in r.stderr.splitlines() if line.startswith("picogpt-fast:")]
@@ -127,13 +128,9 @@ MODES = {"plain": [], "stream": ["--stream"], "json": ["--json"], "file": ["--fi
 
 
 @pytest.fixture(scope="module")
-def long_model(tmp_path_factory, tokenizer_dir):
+def long_model(model_dir):
     """A model with a long context, so that a generation lasts long enough to be interrupted."""
-    from picogpt_fast.checkpoint import save_pretrained
-    from picogpt_fast.weights import random_weights
-
-    config = make_config("small", n_ctx=1024)
-    folder = save_pretrained(tmp_path_factory.mktemp("long"), config, random_weights(config, std=0.25), tokenizer_dir=tokenizer_dir)
+    folder = model_dir("small", std=0.25, n_ctx=1024)
     (folder / "prompts.txt").write_text("Hello\nThe weather\n", encoding="utf-8")
     return folder
 
@@ -181,17 +178,13 @@ print(json.dumps({"nll": float(-lp[~np.isnan(lp)].mean()), "logits": m.forward(m
 """
 
 
-def test_a_process_on_an_empty_kernel_cache_gets_what_later_processes_get(tmp_path, tokenizer_dir):
+def test_a_process_on_an_empty_kernel_cache_gets_what_later_processes_get(tmp_path, model_dir):
     """Numba's freshly compiled parallel kernels can round differently from the same kernels loaded
     from its cache; the first process (which finds the cache empty) must still get bitwise what
     every later one gets: it compiles in a child process and runs the cached code."""
-    from picogpt_fast.checkpoint import save_pretrained
-    from picogpt_fast.weights import random_weights
-
-    config = make_config("small", n_ctx=256)
-    save_pretrained(tmp_path / "m", config, random_weights(config, seed=5, std=0.25), tokenizer_dir=tokenizer_dir)
+    folder = model_dir("small", seed=5, std=0.25, n_ctx=256)
     env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
-    runs = [subprocess.run([PYTHON, "-c", SCORE_IN_A_PROCESS, str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=900)
+    runs = [subprocess.run([PYTHON, "-c", SCORE_IN_A_PROCESS, str(folder)], capture_output=True, text=True, env=env, timeout=900)
             for _ in range(2)]  # fmt: skip
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert "compiling the engine's kernels" in runs[0].stderr and "compiling" not in runs[1].stderr

@@ -18,11 +18,8 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")  # C
 pq = pytest.importorskip("pyarrow.parquet")
 
 from picogpt_fast import GPT2  # noqa: E402
-from picogpt_fast.checkpoint import save_pretrained  # noqa: E402
 from picogpt_fast.ray import generate_dataset, score_dataset  # noqa: E402
-from picogpt_fast.weights import random_weights  # noqa: E402
 
-from .conftest import make_config  # noqa: E402
 
 TEXTS = ["Alan Turing theorized that computers would one day become", "Once upon a time", "Hello world, hello world.",
          "Ünïcödé ☃ and emoji 🙂 in a row", "def f(x):\n    return x * 2\n", "A" * 300, "The the the the the"]  # fmt: skip
@@ -37,11 +34,8 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer_dir):
-    config = make_config("small", n_ctx=256)
-    out = tmp_path_factory.mktemp("ray-model")
-    save_pretrained(out, config, random_weights(config, seed=5, std=0.25), tokenizer_dir=tokenizer_dir)
-    return out
+def folder(model_dir):
+    return model_dir("small", seed=5, std=0.25, n_ctx=256)
 
 
 @pytest.fixture(scope="module")

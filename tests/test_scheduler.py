@@ -9,20 +9,15 @@ import time
 import pytest
 
 from picogpt_fast import GPT2
-from picogpt_fast.checkpoint import save_pretrained
 from picogpt_fast.sampling import SamplingParams
 from picogpt_fast.scheduler import QueueFull, Request, Scheduler, ShuttingDown
-from picogpt_fast.weights import random_weights
 
-from .conftest import make_config
+from .conftest import wait_until
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tokenizer_dir):
-    config = make_config("small", n_ctx=1024)
-    folder = tmp_path_factory.mktemp("scheduler-model")
-    save_pretrained(folder, config, random_weights(config, seed=3, std=0.25), tokenizer_dir=tokenizer_dir)
-    return GPT2.from_pretrained(folder)
+def model(model_dir):
+    return GPT2.from_pretrained(model_dir("small", seed=3, std=0.25, n_ctx=1024))
 
 
 class Recorder:
@@ -155,10 +150,7 @@ def test_budget_zero_echo_logprobs_and_a_failing_sink(model):
         good, rec_good = request(model, "Hi", 20)
         scheduler.submit([bad, good])
         assert rec_good.over.wait(10) and rec_good.ids == model.generate("Hi", 20)  # the other request is untouched
-        deadline = time.monotonic() + 5
-        while scheduler.busy:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until(lambda: not scheduler.busy, 5, "the failed request's slot was not freed")
     finally:
         scheduler.stop(0)
 

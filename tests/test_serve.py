@@ -24,11 +24,9 @@ openai = pytest.importorskip("openai", reason="the [test] extra is not installed
 import uvicorn  # noqa: E402
 
 from picogpt_fast import GPT2  # noqa: E402
-from picogpt_fast.checkpoint import save_pretrained  # noqa: E402
 from picogpt_fast.serve import Server, _token_text  # noqa: E402
-from picogpt_fast.weights import random_weights  # noqa: E402
 
-from .conftest import PYTHON, make_config, subprocess_env  # noqa: E402
+from .conftest import PYTHON, subprocess_env, wait_until  # noqa: E402
 
 NAME = "tiny-gpt2"
 PROMPTS = ["Alan Turing theorized that", "Once upon a time", "The capital of France is", "Hello", "",
@@ -36,12 +34,9 @@ PROMPTS = ["Alan Turing theorized that", "Once upon a time", "The capital of Fra
 
 
 @pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory, tokenizer_dir):
+def long_model_dir(model_dir):
     """A small model with GPT-2's full context (1024), so that long generations take a while."""
-    config = make_config("small", n_embd=128, n_ctx=1024)
-    folder = tmp_path_factory.mktemp("serve-model")
-    save_pretrained(folder, config, random_weights(config, seed=7, std=0.25), tokenizer_dir=tokenizer_dir)
-    return folder
+    return model_dir("small", seed=7, std=0.25, n_embd=128, n_ctx=1024)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +52,8 @@ class Running:
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.state.app(), host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not (self.uvicorn.started and self.state.ready):
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
+        wait_until(lambda: (self.uvicorn.started and self.state.ready) or not self.thread.is_alive(), 60, "the server did not start")
+        assert self.thread.is_alive(), "the server did not start"
         self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -340,25 +333,16 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert response.readline().startswith(b"data: ")
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.monotonic() + 5
-    while server.state.scheduler.busy:
-        assert time.monotonic() < deadline, "the slot was not freed"
-        time.sleep(0.005)
+    wait_until(lambda: not server.state.scheduler.busy, 5, "the slot was not freed")
     assert _generated_tokens(server.url) - before < 900  # stopped long before its 1000 tokens
     # a non-streaming client that goes away is dropped too
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 1000, "ignore_eos": True}),
                  {"Content-Type": "application/json"})  # fmt: skip
-    deadline = time.monotonic() + 5
-    while not server.state.scheduler.busy:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_until(lambda: server.state.scheduler.busy, 5, "the request never took a slot")
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.monotonic() + 5
-    while server.state.scheduler.busy:
-        assert time.monotonic() < deadline, "the slot was not freed"
-        time.sleep(0.005)
+    wait_until(lambda: not server.state.scheduler.busy, 5, "the slot was not freed")
     assert server.client.completions.create(model=NAME, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
 
 
@@ -370,10 +354,7 @@ def test_a_full_queue_answers_429_with_retry_after(model):
         r1.readline()
         second = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)  # waits in the one queue place
         second.request("POST", "/v1/completions", json.dumps({**long, "stream": False, "max_tokens": 3}), {"Content-Type": "application/json"})
-        deadline = time.monotonic() + 5
-        while not running.state.scheduler.queue:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_until(lambda: running.state.scheduler.queue, 5, "the second request never queued")
         status, headers, body = raw(running.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "max_tokens": 3})
         assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
