@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def compile_all(threads: int | None = None, dtypes=None) -> Warmup:
         _in_compile_all.active = False
     seconds = time.perf_counter() - t0
     after = _cache_counts()
-    if K.jit.CACHE:
+    if K.jit.CACHE:  # the marker lists Numba's index files, which must all still be there to trust it
+        index = "\n".join(sorted(p.name for p in Path(K.linear.stats.cache_path).glob("*.nbi")))
         for dtype in dtypes or DTYPES:
-            _marker(dtype).touch()
+            _marker(dtype).write_text(index)
     return Warmup(seconds, after[1] - before[1], after[0] - before[0], K.linear.stats.cache_path, engine.threading_layer())
 
 
@@ -89,6 +91,9 @@ def _marker(dtype: str) -> Path:
     return Path(K.linear.stats.cache_path) / f"picogpt-fast-compiled-{dtype}-{key.hexdigest()[:16]}"
 
 
+_cached: set[str] = set()  # dtypes whose kernels this process found (or put) in the cache
+
+
 def ensure_cached(dtype: str, notice=None) -> float:
     """Make sure the kernels `dtype` needs are in the cache, compiling them in a child process if
     not, so that this process loads them (see the module's docstring). Returns the seconds spent
@@ -96,29 +101,47 @@ def ensure_cached(dtype: str, notice=None) -> float:
     long. No-op inside compile_all, and when kernels cannot be cached."""
     from .kernels import jit  # first: it checks Numba's environment variables before Numba reads them
 
-    numba = jit.numba
-    if not jit.CACHE or getattr(_in_compile_all, "active", False) or os.environ.get("PICOGPT_FAST_COMPILING") == "1":
+    if not jit.CACHE or getattr(_in_compile_all, "active", False) or dtype in _cached:
         return 0.0
     marker = _marker(dtype)
-    if marker.exists():
+    if _trusted(marker):
+        _cached.add(dtype)
         return 0.0
     t0 = time.perf_counter()
-    timer = threading.Timer(1.0, notice or _stderr_notice, [COMPILING])
-    timer.start()
-    try:
-        env = {**os.environ, "PICOGPT_FAST_COMPILING": "1"}
-        if numba.config.CACHE_DIR:  # also a fall-back folder chosen in this process (kernels/jit.py)
-            env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
+    env = dict(os.environ)
+    if jit.numba.config.CACHE_DIR:  # also a fall-back folder chosen in this process (kernels/jit.py)
+        env["NUMBA_CACHE_DIR"] = jit.numba.config.CACHE_DIR
+    with _notice_if_slow(notice or _stderr_notice):
         child = subprocess.run([sys.executable, "-m", "picogpt_fast.warmup", dtype], env=env, capture_output=True, text=True)
-    finally:
-        timer.cancel()
-    if child.returncode != 0 or not marker.exists():  # compile here instead; results may then differ from cached runs in the last bit
+    if child.returncode != 0 or not _trusted(marker):  # compile here instead; results may then differ from cached runs in the last bit
         (notice or _stderr_notice)(f"compiling the kernels in a child process failed ({(child.stderr.strip().splitlines() or ['?'])[-1][:200]}); compiling here")
         return 0.0
+    _cached.add(dtype)
     return time.perf_counter() - t0
 
 
+def _trusted(marker: Path) -> bool:
+    """The marker is there and so is every index file it lists (a cleared cache leaves no marker
+    that lies)."""
+    try:
+        names = marker.read_text().split()
+    except OSError:
+        return False
+    return bool(names) and all((marker.parent / name).exists() for name in names)
+
+
 COMPILING = "compiling the engine's kernels, once (they are cached; `picogpt-fast warmup` does it ahead of time)"
+
+
+@contextmanager
+def _notice_if_slow(notice):
+    """notice(COMPILING) once if the block takes over a second: it is compiling."""
+    timer = threading.Timer(1.0, notice, [COMPILING])
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _stderr_notice(text: str) -> None:
@@ -126,26 +149,15 @@ def _stderr_notice(text: str) -> None:
 
 
 def ensure_compiled(dtype: str, threads: int | None, notice) -> Warmup:
-    """The kernels for `dtype` cached (compiled in a child process if need be) and loaded into this
-    process, calling notice(text) once if it takes long (it is compiling), so that a first run on an
-    empty cache says why it waits and compile time stays out of its timings."""
-    compiling = ensure_cached(dtype, notice)
-    timer = threading.Timer(1.0, notice, [COMPILING])  # when kernels cannot be cached: compiled here
-    timer.start()
-    try:
-        done = compile_all(threads, [dtype])
-    finally:
-        timer.cancel()
-    if compiling:
-        done.seconds += compiling
-        done.compiled = done.compiled or done.loaded
-    return done
+    """Load the kernels for `dtype` into this process now (the model's construction cached them,
+    see ensure_cached), so that compile or load time stays out of a run's first timing. When
+    kernels cannot be cached they compile here, and notice(text) says so once if it takes long."""
+    with _notice_if_slow(notice):
+        return compile_all(threads, [dtype])
 
 
 def _cache_counts() -> tuple[int, int]:
     """(cache hits, cache misses) over every Numba function of the kernels package."""
-    import sys
-
     from numba.core.dispatcher import Dispatcher
 
     hits = misses = 0
@@ -159,4 +171,6 @@ def _cache_counts() -> tuple[int, int]:
 
 
 if __name__ == "__main__":  # the child of ensure_cached: python -m picogpt_fast.warmup DTYPE
-    compile_all(1, [sys.argv[1]])
+    from picogpt_fast import warmup  # the package's module (this file runs as __main__), whose compile_all the engine sees
+
+    warmup.compile_all(1, [sys.argv[1]])
