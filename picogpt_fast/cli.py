@@ -365,13 +365,16 @@ def _load(resolved, backend, dtype, threads, quiet):
     from . import loader
     from .model import GPT2
 
+    def notice(text):
+        _info(quiet, f"picogpt-fast: {text}")
+
     t0 = time.perf_counter()
     weights = loader.load_weights(resolved, dtype)
     compiling = 0.0
-    if backend == "numba":  # kernels compiled (on an empty cache) now, not inside the first timing
+    if backend == "numba":  # kernels compiled (on an empty cache) now, in a child process, and kept out of every timing
         from .warmup import ensure_cached
 
-        compiling = ensure_cached(getattr(weights, "dtype", "float32"), lambda text: _info(quiet, f"picogpt-fast: {text}"))
+        compiling = ensure_cached(weights.dtype, notice)
         t0 += compiling
     gpt = GPT2(resolved.config, weights, resolved.tokenizer, backend=backend, threads=threads)
     _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) "
@@ -379,7 +382,7 @@ def _load(resolved, backend, dtype, threads, quiet):
     if backend == "numba":  # cached kernels loaded now (or, with no cache, compiled), not inside the first timing
         from .warmup import ensure_compiled
 
-        done = ensure_compiled(gpt.dtype, threads, lambda text: _info(quiet, f"picogpt-fast: {text}"))
+        done = ensure_compiled(gpt.dtype, threads, notice)
         if done.compiled or compiling:
             _info(quiet, f"compiled {done.compiled or done.loaded} kernels in {done.seconds + compiling:.1f} s (cached in {done.cache_dir})")
     return gpt
@@ -434,7 +437,7 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     `nll`, `perplexity` and `error` added to --out."""
     import math
 
-    import numpy as np
+    from .model import mean_nll
 
     _no_dataset_options("score", dataset, out, **{"--column": (column, "text"), "--ray-address": (ray_address, None), "--actors": (actors, None),
                         "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
@@ -455,12 +458,10 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
         raise InvalidArgumentError(f"{file} holds {len(ids)} token; scoring needs at least 2")
     gpt = _load(resolved, backend, dtype, threads, quiet)
     t0 = time.perf_counter()
-    logprobs = gpt.score(ids, stride=stride)
-    scored = logprobs[~np.isnan(logprobs)]
-    if not np.isfinite(scored).all():
+    nll, n_scored = mean_nll(gpt.score(ids, stride=stride))
+    if not math.isfinite(nll):
         raise InvalidArgumentError("the model produced NaN or infinite log-probabilities; the checkpoint is probably corrupt (re-download it)")
-    nll = float(-scored.mean())
-    _info(quiet, f"scored {len(scored)} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
+    _info(quiet, f"scored {n_scored} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
     result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
     if against is not None:
         baseline = _load(resolved, backend, against, threads, quiet)
@@ -471,7 +472,7 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     if as_json:
         click.echo(json.dumps(result, allow_nan=False))
     else:
-        lines = [f"tokens: {len(ids)} ({len(scored)} predicted)", f"nll: {nll:.6f}", f"perplexity: {math.exp(nll):.4f}"]
+        lines = [f"tokens: {len(ids)} ({n_scored} predicted)", f"nll: {nll:.6f}", f"perplexity: {math.exp(nll):.4f}"]
         if against is not None:
             lines += [f"kl_divergence from {against}: {result['kl_divergence']:.6g}", f"top1_agreement: {result['top1_agreement']:.4f}"]
         click.echo("\n".join(lines))

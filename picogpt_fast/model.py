@@ -280,6 +280,13 @@ class GPT2:
                 break
 
 
+def mean_nll(logprobs: np.ndarray) -> tuple[float, int]:
+    """(mean negative log-likelihood, tokens scored) of `score`'s result, whose unscored positions
+    are NaN. The mean is not finite when the model produced NaN or infinite log-probabilities."""
+    scored = logprobs[~np.isnan(logprobs)]
+    return float(-scored.mean()), len(scored)
+
+
 def token_logprobs(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:
     """log_softmax(logits)[i, targets[i]] in float64, a few rows at a time to bound memory."""
     out = np.empty(len(targets), np.float64)

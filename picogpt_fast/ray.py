@@ -26,10 +26,9 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-
 from . import validate
 from .errors import InvalidArgumentError, PicoGPTError
+from .model import mean_nll
 from .sampling import SamplingParams
 
 SCORE_COLUMNS = ("tokens", "nll", "perplexity", "error")
@@ -117,8 +116,7 @@ def score_text(model, text, stride: int | None = None) -> dict:
         lp = model.score(ids, stride=stride)
     except PicoGPTError as e:
         return {"tokens": len(ids), "nll": None, "perplexity": None, "error": str(e)}
-    scored = lp[~np.isnan(lp)]
-    nll = float(-scored.mean())
+    nll, _ = mean_nll(lp)
     if not math.isfinite(nll):
         return {"tokens": len(ids), "nll": None, "perplexity": None, "error": "the model produced NaN or infinite log-probabilities"}
     return {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll), "error": None}
@@ -216,10 +214,7 @@ def check_pool(actors, cpus_per_actor, batch_size) -> None:
 # --------------------------------------------------------------------------- files
 def check_paths(dataset: str, out: str) -> None:
     """What can be checked about --dataset and --out before Ray starts."""
-    if "://" not in dataset and not Path(dataset).exists():
-        raise InvalidArgumentError(f"{dataset} does not exist")
-    if _suffix(dataset) is None and ("://" in dataset or not Path(dataset).is_dir()):
-        raise InvalidArgumentError(f"cannot tell the format of {dataset}; name a .parquet, .jsonl, .json or .csv file, or a folder of them")
+    _input_format(dataset)
     if "://" not in out:
         target = Path(out)
         if _suffix(out) is None and target.is_dir() and any(target.iterdir()):
@@ -233,23 +228,28 @@ def check_paths(dataset: str, out: str) -> None:
             raise InvalidArgumentError(f"{parent} is not writable; choose another --out")
 
 
+def _input_format(path: str) -> str:
+    """The suffix naming the reader for a dataset path: its own, or for a local folder its files'."""
+    local = "://" not in path
+    if local and not Path(path).exists():
+        raise InvalidArgumentError(f"{path} does not exist")
+    suffix = _suffix(path)
+    if suffix is None and local and Path(path).is_dir():
+        suffixes = {p.suffix.lower() for p in Path(path).iterdir() if p.is_file() and not p.name.startswith((".", "_"))}
+        known = suffixes & set(READERS)
+        if len(known) != 1:
+            raise InvalidArgumentError(f"{path} holds no .parquet, .jsonl, .json or .csv files (or a mix of them); pass a file or a folder of one format")
+        suffix = known.pop()
+    if suffix is None:
+        raise InvalidArgumentError(f"cannot tell the format of {path}; name a .parquet, .jsonl, .json or .csv file, or a folder of them")
+    return suffix
+
+
 def read(path: str):
     """A dataset from a file or folder Ray Data reads: .parquet, .jsonl/.json, .csv (local or a URI
     such as s3://, with its filesystem package installed); a folder by the suffix of its files."""
     ray = _ray()
-    suffix = _suffix(path)
-    if suffix is None:
-        local = Path(path)
-        if "://" not in path and local.is_dir():
-            suffixes = {p.suffix.lower() for p in local.iterdir() if p.is_file() and not p.name.startswith((".", "_"))}
-            known = suffixes & set(READERS)
-            if len(known) != 1:
-                raise InvalidArgumentError(f"{path} holds no .parquet, .jsonl, .json or .csv files (or a mix of them); pass a file or a folder of one format")
-            suffix = known.pop()
-        else:
-            raise InvalidArgumentError(f"cannot tell the format of {path}; name a .parquet, .jsonl, .json or .csv file, or a folder of them")
-    if "://" not in path and not Path(path).exists():
-        raise InvalidArgumentError(f"{path} does not exist")
+    suffix = _input_format(path)
     # Reading reserves no CPU: with the model's actors holding every CPU (the default), reads that
     # wait for a free CPU would never run. Ray's newer Parquet reader adds a file-listing task that
     # always asks for one CPU (Ray 2.5x-2.6x), so Parquet is read by the classic reader here.
