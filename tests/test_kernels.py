@@ -139,21 +139,23 @@ def test_bias_epilogue(mode, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N", [131, 1000, 2304])
-def test_linear_is_batch_and_thread_invariant(dtype, N):
-    """Each output sums in the same order whatever the batch and thread count: bitwise equal."""
-    (w, _), x, b = matrix(N, 99, dtype), randn(9, 99), randn(N)
+@pytest.mark.parametrize("N,Kd", [(131, 99), (1000, 99), (2304, 64), (7, 96)])
+def test_linear_is_batch_and_thread_invariant(dtype, N, Kd):
+    """Each output sums in the same order whatever the batch, thread count and number of bands
+    (bands of 1-5 threads start at different rows): bitwise equal."""
+    (w, _), x, b = matrix(N, Kd, dtype), randn(9, Kd), randn(N)
     fmt = dtypes.DTYPES[dtype]
     results = []
     for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(n_threads)
-        batch = np.empty((9, N), F32)
-        K.linear(x, w.data, w.scale, fmt, b, batch, K.GELU, lanes())
-        for m in range(9):
-            row = np.empty((1, N), F32)
-            K.linear(x[m : m + 1], w.data, w.scale, fmt, b, row, K.GELU, lanes())
-            assert np.array_equal(row[0], batch[m])
-        results.append(batch)
+        for bands in range(1, 6):
+            batch = np.empty((9, N), F32)
+            K.linear(x, w.data, w.scale, fmt, b, batch, K.GELU, bands)
+            for m in range(9):
+                row = np.empty((1, N), F32)
+                K.linear(x[m : m + 1], w.data, w.scale, fmt, b, row, K.GELU, bands)
+                assert np.array_equal(row[0], batch[m])
+            results.append(batch)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert all(np.array_equal(results[0], r) for r in results)
 
