@@ -19,7 +19,7 @@ import pytest
 from picogpt_fast import GPT2, engine, threads
 from picogpt_fast.errors import ConcurrencyError, InvalidArgumentError
 
-from .conftest import PYTHON, SHAPES, subprocess_env
+from .conftest import PYTHON, SHAPES, subprocess_env, wait_until
 
 LOGIT_TOL = 5e-4
 TIE_GAP = 2e-3  # 4x LOGIT_TOL: a smaller top-2 gap can flip between two honest implementations
@@ -223,3 +223,28 @@ def test_prefill_in_pieces_is_bitwise_one_prefill(models, monkeypatch, splits):
     assert np.array_equal(whole.decode([7], [0]), pieces.decode([7], [0]))
     np.testing.assert_allclose(one, ref.forward(ids)[-1], atol=LOGIT_TOL, rtol=0)
     assert eng.session().chunks(20, 60) == [(0, 4), (4, 28), (28, 52), (52, 60)]  # cut at positions 24, 48, 72
+
+
+@pytest.mark.parametrize("busy, cores, first", [(0, 2, 2), (1, 2, 1), (1, 4, 2), (None, 2, 2)])
+def test_team_starts_on_one_thread_when_other_processes_hold_the_cores(monkeypatch, busy, cores, first):
+    """Before its first step the team looks at the run queue once: with fewer idle cores than
+    threads it starts on one thread and tries the full team only after PROBE_S of steps."""
+    monkeypatch.setattr(threads, "others_running", lambda: busy)
+    monkeypatch.setattr(threads, "available_cores", lambda: cores)
+    team = threads.TeamSize(2)
+    assert team.next() == first
+    if first == 1:  # 20 steps of 1 ms: far less than PROBE_S, so the full team is not tried yet
+        for _ in range(20):
+            team.record(team.next(), 1, 1e-3)
+        assert team.next() == 1 and team.best == 1
+
+
+def test_others_running_sees_a_spinning_process():
+    if threads.others_running() is None:
+        pytest.skip("no /proc/loadavg on this system: the team starts on all threads, as before")
+    spinner = subprocess.Popen([PYTHON, "-c", "while True: pass"])
+    try:
+        wait_until(lambda: threads.others_running() >= 1, 10, "a spinning process never showed in the run queue")
+    finally:
+        spinner.kill()
+        spinner.wait()
