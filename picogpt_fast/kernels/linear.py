@@ -22,7 +22,7 @@ from numba.core import types
 from numba.extending import overload
 
 from .activations import epilogue
-from .formats import INPUTS, dot4_i8, row_dot, widen
+from .formats import INPUTS, dot4_i8, row_dot, widen_row
 from .jit import FASTMATH, kernel, kernel_part
 from .layernorm import norm_row
 
@@ -99,6 +99,4 @@ def dequantize(w, scale, fmt, j0, out):
     """out[i] = row j0 + i of w as float32, for i < len(out). w [N, K] in format fmt, out [n, K]."""
     n, K = out.shape
     for i in prange(n):
-        o = out[i]
-        for k in range(K):
-            o[k] = widen(w, scale, fmt, j0 + i, k)
+        widen_row(w, scale, fmt, j0 + i, out[i])
