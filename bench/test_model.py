@@ -1,5 +1,6 @@
 """End-to-end workloads at GPT-2 124M's shape: prefill, decode at two contexts, the seed workload
-on the engine and on picoGPT's reference, batched decode, and transformers when installed."""
+on the engine and on picoGPT's reference, batched generation and batched decode steps, and
+transformers when installed."""
 
 import numpy as np
 import pytest
@@ -89,6 +90,29 @@ def test_batched_decode(benchmark, record, engines124, batch, dtype):
     record(f"batched generation, 16 new tokens per prompt, {dtype}", batch=batch)
     benchmark.pedantic(run, warmup_rounds=1, rounds=3)
     throughput(benchmark, 16 * batch, "tok/s")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+def test_batched_decode_steps(benchmark, record, engines124, batch, dtype):
+    """Decode steps alone (prompts prefilled untimed): B sequences, one token each per step, 24
+    steps after 32-token prompts; total tok/s."""
+    model = engines124(dtype)
+    session = model.session(batch, 64)
+    seqs, steps = list(range(batch)), 24
+
+    def setup():
+        session.reset()
+        for b in seqs:
+            session.prefill(prompt(32), b)
+
+    def run():
+        for _ in range(steps):
+            session.decode([5] * batch, seqs)
+
+    record(f"batched decode steps after 32-token prompts, {dtype}", batch=batch)
+    benchmark.pedantic(run, setup=setup, warmup_rounds=1, rounds=3)
+    throughput(benchmark, steps * batch, "tok/s")
 
 
 def test_peer_transformers(benchmark, record):
