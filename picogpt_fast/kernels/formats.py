@@ -70,6 +70,23 @@ def dot_bf16(w, x):
     return s
 
 
+# LLVM IR pieces of the int8 intrinsics below: 16 lanes, what one AVX-512 register (two AVX ones) holds.
+_F32, _I8, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_VEC, _QVEC, _IVEC = ir.VectorType(_F32, 16), ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
+
+
+def _int8x16_as_f32(builder, q, k):
+    """The 16 int8 values q[k:k+16] (q an i8 pointer) as 16 float32 lanes."""
+    wq = builder.load(builder.bitcast(builder.gep(q, [k]), _QVEC.as_pointer()), align=1)
+    return builder.sitofp(builder.sext(wq, _IVEC), _VEC)
+
+
+def _splat(builder, value):
+    """A float32 value in all 16 lanes."""
+    one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), ir.Constant(_IVEC, [0] * 16))
+
+
 ACCUMULATORS = 4  # independent sums per row in the int8 dot
 INPUTS = 4  # input rows that dot4_i8 takes at once
 
@@ -106,8 +123,7 @@ def _int8_dots(inputs: int):
             return None
 
         def codegen(context, builder, signature, args):
-            f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
-            vec, qvec, ivec = ir.VectorType(f32, 16), ir.VectorType(i8, 16), ir.VectorType(i32, 16)
+            f32, i8, i32, i64, vec = _F32, _I8, _I32, _I64, _VEC
             qp, sp = (builder.bitcast(context.make_array(t)(context, builder, v).data, e.as_pointer())
                       for t, v, e in zip(signature.args[:2], args[:2], (i8, f32)))  # fmt: skip
             xa = context.make_array(signature.args[2])(context, builder, args[2])
@@ -124,11 +140,8 @@ def _int8_dots(inputs: int):
 
             def add_group(g, accs):  # accs[i] + scale[g] * (q . x[i] over group g), for each input i
                 ks = [builder.add(builder.mul(g, ir.Constant(i64, 32)), ir.Constant(i64, 16 * half)) for half in (0, 1)]
-                qs = [builder.sitofp(builder.sext(builder.load(builder.bitcast(builder.gep(qp, [k]), qvec.as_pointer()), align=1), ivec), vec)
-                      for k in ks]  # fmt: skip
-                sg = builder.load(builder.gep(sp, [g]))
-                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), sg, ir.Constant(i32, 0)),
-                                               ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * 16))  # fmt: skip
+                qs = [_int8x16_as_f32(builder, qp, k) for k in ks]
+                splat = _splat(builder, builder.load(builder.gep(sp, [g])))
                 out = []
                 for xp, acc in zip(xps, accs):
                     lo, hi = (builder.load(builder.bitcast(builder.gep(xp, [k]), vec.as_pointer()), align=4) for k in ks)
@@ -196,21 +209,16 @@ def _int8_groups_to_f32(typingctx, q, scale, out, n_groups):
         return None
 
     def codegen(context, builder, signature, args):
-        f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        vec, qvec, ivec = ir.VectorType(f32, 16), ir.VectorType(i8, 16), ir.VectorType(i32, 16)
         qp, sp, op = (builder.bitcast(context.make_array(t)(context, builder, v).data, e.as_pointer())
-                      for t, v, e in zip(signature.args[:3], args[:3], (i8, f32, f32)))  # fmt: skip
-        n = builder.sext(args[3], i64) if args[3].type.width < 64 else args[3]
+                      for t, v, e in zip(signature.args[:3], args[:3], (_I8, _F32, _F32)))  # fmt: skip
+        n = builder.sext(args[3], _I64) if args[3].type.width < 64 else args[3]
         with cgutils.for_range(builder, n) as loop:
             g = loop.index
-            sg = builder.load(builder.gep(sp, [g]))
-            splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), sg, ir.Constant(i32, 0)),
-                                           ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * 16))  # fmt: skip
+            splat = _splat(builder, builder.load(builder.gep(sp, [g])))
             for half in (0, 1):
-                k = builder.add(builder.mul(g, ir.Constant(i64, 32)), ir.Constant(i64, 16 * half))
-                wq = builder.load(builder.bitcast(builder.gep(qp, [k]), qvec.as_pointer()), align=1)
-                value = builder.fmul(builder.sitofp(builder.sext(wq, ivec), vec), splat)
-                builder.store(value, builder.bitcast(builder.gep(op, [k]), vec.as_pointer()), align=4)
+                k = builder.add(builder.mul(g, ir.Constant(_I64, 32)), ir.Constant(_I64, 16 * half))
+                value = builder.fmul(_int8x16_as_f32(builder, qp, k), splat)
+                builder.store(value, builder.bitcast(builder.gep(op, [k]), _VEC.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(q, scale, out, n_groups), codegen

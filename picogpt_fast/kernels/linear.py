@@ -97,6 +97,5 @@ def _four_outputs(out, w, scale, fmt, j, x, m0, b, mode):
 @kernel
 def dequantize(w, scale, fmt, j0, out):
     """out[i] = row j0 + i of w as float32, for i < len(out). w [N, K] in format fmt, out [n, K]."""
-    n, K = out.shape
-    for i in prange(n):
+    for i in prange(out.shape[0]):
         widen_row(w, scale, fmt, j0 + i, out[i])
