@@ -228,9 +228,7 @@ class NumbaSession(Session):
         self.state.fit(n, n if all_logits else 1, self.capacity)
         # On BLAS, each product is split into blocks run by the team (run_blocks): BLAS itself and the
         # Numba kernels between its calls then run single-threaded.
-        numba_threads = 1 if blas else self.threads
-        with T.scope(numba_threads, 1 if blas else None), parallel_region():
-            self.bands = numba_threads  # what T.scope set: asking Numba costs a lock, ~50 times a step
+        with T.scope(1 if blas else self.threads, 1 if blas else None), parallel_region():
             t0 = time.perf_counter()
             logits = self._forward_rows(ids, seq, pos, blas, all_logits)
             if not prompt:
@@ -255,7 +253,6 @@ class NumbaSession(Session):
             self._linear(ff, block.mlp_proj, x, K.ADD, blas)  # x += [n, F] @ [F, E]
         logits = s.logits[: len(x)]
         with T.scope(self.threads):  # the output projection on all the call's threads (a prompt's last row too)
-            self.bands = self.threads
             self._linear(x, b.head, logits, K.STORE, blas, norm=b.ln_f, h=h)  # [n, E] -> [n, V]
         return logits
 
@@ -275,7 +272,10 @@ class NumbaSession(Session):
         float32)."""
         fmt = self.backend.fmt
         if not blas:
-            bands = self.bands  # one band of rows per thread of the enclosing T.scope
+            # One band of rows per thread of this call (asking Numba instead costs a lock, ~50 times
+            # a step). Between a prompt's BLAS blocks one thread takes the bands in turn; no result
+            # depends on the band count.
+            bands = self.threads
             if norm is None:
                 K.linear(x, lin.w, lin.scale, fmt, lin.bias, out, mode, bands)
             else:
