@@ -12,6 +12,8 @@ from picogpt_fast import dtypes
 from picogpt_fast import kernels as K
 from picogpt_fast import reference as R
 from picogpt_fast.engine import KVCache
+from picogpt_fast.kernels import cpu
+from picogpt_fast.kernels.codes import PATH_NAMES
 from picogpt_fast.threads import max_threads
 
 from .conftest import throughput
@@ -117,6 +119,16 @@ def test_linear(benchmark, record, impl, rows, shape):
         throughput(benchmark, 2 * rows * k * n / 1e9, "GFLOP/s")
 
 
+def int8_product(x, w, b, out, path, threads):
+    """A call computing out = x @ w.T + b with int8 weights on `path`: a decode step's kernel for one
+    row, the prompt GEMM (all columns on this thread) for many."""
+    x8, xs = (np.zeros(shape, dt) for shape, dt in zip(K.packed_shapes(*x.shape), (np.int8, F32)))
+    if len(x) == 1:
+        return lambda: K.linear_i8(x, x8, xs, w.data, w.scale, b, out, K.STORE, threads, path)
+    K.quantize(x, x8, xs, 0, len(x), path)
+    return lambda: K.gemm_i8(len(x), x8, xs, w.data, w.scale, b, out, K.STORE, 0, w.data.shape[0], path)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_linear_matvec_dtypes(benchmark, record, dtype):
     """A decode-step product (768 -> 3072) per weight dtype: GB/s counts the bytes read (weights
@@ -124,17 +136,38 @@ def test_linear_matvec_dtypes(benchmark, record, dtype):
     x, w, b = randn(1, 768), weights(3072, 768, dtype), readonly(randn(3072))
     out = np.empty((1, 3072), F32)
     record(f"linear 1x768x3072 {dtype}")
-    benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES[dtype], b, out, K.STORE, numba.get_num_threads())
+    if dtype == "int8":
+        benchmark(int8_product(x, w, b, out, cpu.target_paths()[-1], numba.get_num_threads()))
+    else:
+        benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES[dtype], b, out, K.STORE, numba.get_num_threads())
     throughput(benchmark, (w.data.nbytes + w.scale.nbytes) / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("path", [name for name, code in PATH_NAMES.items() if code in cpu.target_paths()])
+@pytest.mark.parametrize("rows", [1, 256], ids=["matvec", "matmat256"])
+def test_int8_paths(benchmark, record, path, rows):
+    """The int8 products on each path this CPU runs (kernels/int8.py): a decode step's product
+    (GB/s of weights and scales read, all threads) and a prompt's GEMM on one thread (GOP/s)."""
+    x, w, b = randn(rows, 768), weights(3072, 768, "int8"), readonly(randn(3072))
+    out = np.empty((rows, 3072), F32)
+    threads = numba.get_num_threads() if rows == 1 else 1
+    record(f"int8 {rows}x768x3072 {path}", path=path, threads=threads)
+    benchmark(int8_product(x, w, b, out, PATH_NAMES[path], threads))
+    if rows == 1:
+        throughput(benchmark, (w.data.nbytes + w.scale.nbytes) / 1e9, "GB/s")
+    else:
+        throughput(benchmark, 2 * rows * 768 * 3072 / 1e9, "GOP/s")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("impl", ["numba", "numpy"])
 def test_output_projection(benchmark, record, impl, dtype):
     x, wte = randn(1, E), weights(V, E, dtype)
-    out, zero = np.empty((1, V), F32), np.zeros(V, F32)
+    out, zero = np.empty((1, V), F32), readonly(np.zeros(V, F32))
     record(f"output projection 768x50257 {dtype}")
-    if impl == "numba":
+    if impl == "numba" and dtype == "int8":
+        benchmark(int8_product(x, wte, zero, out, cpu.target_paths()[-1], numba.get_num_threads()))
+    elif impl == "numba":
         benchmark(K.linear, x, wte.data, wte.scale, dtypes.DTYPES[dtype], zero, out, K.STORE, numba.get_num_threads())
     else:
         values = dtypes.dequantize(wte, dtype)

@@ -86,20 +86,41 @@ def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float
     return read + 2 * config.n_layer * config.n_embd * 4 * context
 
 
+# CPU flags that decide which kernels run (kernels/cpu.py) or that a peer's speed depends on.
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+
+
 def machine_info(threads: int) -> dict:
-    """The software and hardware a measurement ran on (recorded beside every result)."""
+    """The software and hardware a measurement ran on (recorded beside every result), with the int8
+    kernels' path and how int8 prompts multiply on this machine (engine.int8_path, int8_prompts)."""
     import numba
 
     from . import __version__
-    from .engine import threading_layer
-    from .threads import blas_info
+    from .engine import int8_path, int8_prompts
+    from .kernels.codes import PATH_NAMES
+    from .threads import blas_info, threading_layer
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpuinfo = _read_lines("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+    path = int8_path("float32")  # any notice about a forced path is the model's to print
     return {
         "picogpt_fast": __version__, "python": platform.python_version(), "numpy": np.__version__,
         "numba": numba.__version__, "threading_layer": threading_layer(), "threads": threads,
-        "cpu": cpu, "cores": os.cpu_count(), "blas": blas_info(),
+        "cpu": cpu, "cores": os.cpu_count(), "cpu_flags": [f for f in FLAGS if f in flags],
+        "int8_kernel": next(n for n, c in PATH_NAMES.items() if c == path), "int8_prompts": int8_prompts(path),
+        "blas": blas_info(),
     }  # fmt: skip
+
+
+def prefill_ops(config: GPT2Config, n: int) -> float:
+    """Arithmetic operations (a multiply-add is two) of prefilling n tokens: every block's four
+    products for each token, attention over the keys each token sees, the output projection for the
+    last token (the logits prefill returns)."""
+    E, F, L = config.n_embd, config.n_inner, config.n_layer
+    products = n * L * (3 * E * E + E * E + 2 * E * F)
+    attention = L * E * n * (n + 1)  # scores and weighted values: 2 x E per (token, visible key) pair, halved
+    return 2.0 * (products + attention + config.n_vocab * E)
 
 
 def _read_lines(path):
@@ -301,6 +322,8 @@ def _rows_json(rows: list[Row], config, weights: dict, bandwidth: float) -> list
         if r.test.startswith("tg") and r.dtype in weights and r.backend == "numba":
             gbs = decode_bytes_per_token(config, weights[r.dtype], 1 + r.tokens / 2) * r.tok_s / 1e9
             d.update(gb_s=gbs, bandwidth_fraction=gbs / bandwidth)
+        if r.test.startswith("pp"):
+            d["gop_s"] = prefill_ops(config, r.tokens) / r.median_s / 1e9
         e = engine.get((key(r), r.dtype))
         if r.backend != "numba" and e is not None:
             d["numba_speedup"] = (r.median_s / r.tokens) / (e.median_s / e.tokens)
@@ -316,7 +339,7 @@ def _print(result: dict, fmt: str, out) -> None:
         out.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
     if fmt == "csv":
-        keys = ["test", "backend", "dtype", "tokens", "median_ms", "tok_s", "spread_tok_s", "gb_s", "bandwidth_fraction", "numba_speedup", "vs_float32", "reps"]
+        keys = ["test", "backend", "dtype", "tokens", "median_ms", "tok_s", "spread_tok_s", "gop_s", "gb_s", "bandwidth_fraction", "numba_speedup", "vs_float32", "reps"]
         out.write(",".join(keys) + "\n")
         for r in result["rows"]:
             out.write(",".join("" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
@@ -324,23 +347,25 @@ def _print(result: dict, fmt: str, out) -> None:
     m, blas = result["machine"], result["machine"]["blas"]
     out.write(f"model: {result['model']}  ({result['config']['n_layer']} layers, n_embd {result['config']['n_embd']})\n")
     out.write(
-        f"machine: {m['cpu']}, {m['cores']} cores; numba {m['numba']} ({m['threading_layer']}), {m['threads']} threads; "
-        f"BLAS {blas.get('internal_api')} {blas.get('version')} {blas.get('architecture')} kernels "
-        f"(OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
+        f"machine: {m['cpu']}, {m['cores']} cores (flags: {' '.join(m['cpu_flags']) or 'none of note'}); numba {m['numba']} "
+        f"({m['threading_layer']}), {m['threads']} threads; BLAS {blas.get('internal_api')} {blas.get('version')} "
+        f"{blas.get('architecture')} kernels (OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
     )
+    out.write(f"int8 kernels: {m['int8_kernel']} dot products; prompts on {'the integer GEMM' if m['int8_prompts'] == 'gemm' else 'BLAS'}\n")
     weights = ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in result["weights_bytes"].items())
     out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; engine peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
               f"(weights: {weights})\n")  # fmt: skip
     if "peer" in result:
         out.write(f"peer: {result['peer']}\n")
-    out.write("\n| test | backend | dtype | tok/s | ± | ms | numba speed-up | vs float32 | decode GB/s | % of bandwidth |\n")
-    out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    out.write("\n| test | backend | dtype | tok/s | ± | ms | prefill GOP/s | numba speed-up | vs float32 | decode GB/s | % of bandwidth |\n")
+    out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in result["rows"]:
         speed = f"{r['numba_speedup']:.1f}x" if r["numba_speedup"] else ""
         ratio = f"{r['vs_float32']:.2f}x" if r["vs_float32"] else ""
         gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if "gb_s" in r else ""
-        out.write(f"| {r['test']} | {r['backend']} | {r['dtype']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {speed} | {ratio} | {gbs} | {frac} |\n")
+        gops = f"{r['gop_s']:.1f}" if "gop_s" in r else ""
+        out.write(f"| {r['test']} | {r['backend']} | {r['dtype']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {gops} | {speed} | {ratio} | {gbs} | {frac} |\n")
 
 
 if __name__ == "__main__":

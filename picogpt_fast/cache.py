@@ -3,14 +3,21 @@ memory-mapped safetensors file, so that later starts map it in milliseconds.
 
 An entry lives in `$PICOGPT_FAST_CACHE` (default: `$XDG_CACHE_HOME/picogpt-fast`, else
 `~/.cache/picogpt-fast`), never in the model's folder. Its name comes from the checkpoint's path and
-the dtype; its metadata records the identity of the source files (resolved path, size, modification
-time), the dtype, the format version and the config. An entry whose metadata or tensors do not match
-is stale or corrupt: it is rebuilt, never trusted. Entries are written to a temporary file and renamed
-into place, so a crash leaves no half-written entry. When no cache directory can be written, the
-conversion stays in memory and one line on stderr says so.
+the dtype. Its metadata records the identity of the source files (resolved path, inode, size,
+modification and change times: an edit in place changes the change time even when the
+modification time is set back), the dtype, the format version, the config, and a checksum of every
+byte of its tensors.
 
-A folder written by `picogpt-fast convert` holds the same file (model.safetensors), which the loader
-maps directly.
+Nothing is trusted unchecked. An entry whose metadata does not match is stale: it is rebuilt. Its
+checksum is verified on a background thread while the engine starts (`Verification`; hashing
+releases the GIL, so on a second core it costs the start-up nothing), and before the weights are
+first used (`EngineWeights.verified`): an entry whose bytes changed is rebuilt from the checkpoint.
+Entries are written to a temporary file and renamed into place, so a crash or a full disk leaves no
+half-written entry; when no cache folder can be written, the conversion stays in memory and one line
+on stderr says so.
+
+A folder written by `picogpt-fast convert` holds the same file (model.safetensors, with its
+checksum), which the loader maps directly.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from . import dtypes, tensorfile
@@ -27,39 +35,44 @@ from .dtypes import EngineWeights
 from .errors import CheckpointError
 
 FORMAT = "picogpt-fast-weights"
-VERSION = "1"
+VERSION = "2"  # 2: a checksum of the tensors in the metadata
 
 
 def cache_dir() -> Path:
     env = os.environ.get("PICOGPT_FAST_CACHE")
     if env:
-        return Path(env).expanduser()
+        folder = Path(os.path.expanduser(env))
+        if str(folder).startswith("~"):  # ~user that does not exist
+            raise CheckpointError(f"PICOGPT_FAST_CACHE={env!r} names the home folder of a user that does not exist; set it to a folder path")
+        return folder
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "picogpt-fast"
 
 
 def source_identity(files: list[Path]) -> list[list]:
-    """[resolved path, size, mtime in ns] of each source file: a changed file is a new identity."""
+    """[resolved path, inode, size, mtime in ns, ctime in ns] of each source file: a changed file is a
+    new identity, even one edited in place with its modification time restored."""
     out = []
     for f in files:
         st = Path(f).stat()
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        out.append([str(Path(f).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return out
 
 
-def metadata(config: GPT2Config, dtype: str, identity: list | None) -> dict[str, str]:
+def metadata(config: GPT2Config, ew: EngineWeights, identity: list | None) -> dict[str, str]:
     meta = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype, "group": str(dtypes.GROUP),
-        "config": json.dumps(config.to_hf_dict(), sort_keys=True),
+        "format": FORMAT, "version": VERSION, "dtype": ew.dtype, "group": str(dtypes.GROUP),
+        "config": json.dumps(config.to_hf_dict(), sort_keys=True), "checksum": tensorfile.checksum(ew.tensors()),
     }  # fmt: skip
     if identity is not None:
         meta["source"] = json.dumps(identity)
     return meta
 
 
-def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: list | None = None) -> EngineWeights:
+def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: list | None = None, rebuild=None, fresh=False) -> EngineWeights:
     """Map a weights file written by `write`; CheckpointError if it is not one, or not for this
-    config, dtype (None: any) and source identity (None: any)."""
+    config, dtype (None: any) and source identity (None: any). Its checksum is verified in the
+    background (see `Verification`); `rebuild()` makes the weights anew if it fails."""
     entries, meta = tensorfile.read_header(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a picogpt-fast weights file")
@@ -74,12 +87,47 @@ def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: lis
         raise CheckpointError(f"{path} was converted from another version of the checkpoint")
     buf = tensorfile.map_file(path)
     arrays = {name: tensorfile.view(e, buf) for name, e in entries.items()}
-    return dtypes.readonly(EngineWeights.from_tensors(arrays, stored, config, str(path), sources=[buf]))
+    ew = dtypes.readonly(EngineWeights.from_tensors(arrays, stored, config, str(path), sources=[buf]))
+    ew.verification = Verification(path, arrays, meta.get("checksum"), rebuild, fresh)
+    return ew
+
+
+class Verification:
+    """A weights file's tensors hashed against the checksum written with them, on a thread of its
+    own from the moment the file is mapped. `result(weights)` waits for it: the weights themselves
+    when the bytes are intact; else the file is deleted and the weights are rebuilt (a cache entry),
+    or CheckpointError names the file (a converted folder, which has no source to rebuild from)."""
+
+    def __init__(self, path: Path, arrays: dict, expected: str | None, rebuild=None, fresh=False):
+        self.path, self.expected, self.rebuild, self.fresh = path, expected, rebuild, fresh
+        self.actual: str | None = None
+        self.thread = threading.Thread(target=self._hash, args=(arrays,), name="picogpt-fast-verify", daemon=True)
+        self.thread.start()
+
+    def _hash(self, arrays: dict) -> None:
+        self.actual = tensorfile.checksum(arrays)
+
+    def result(self, weights: EngineWeights) -> EngineWeights:
+        self.thread.join()
+        if self.actual == self.expected:
+            return weights
+        if self.fresh:
+            raise CheckpointError(f"{self.path} reads back different from what was written to it; check the disk, or set PICOGPT_FAST_CACHE to another folder")
+        if self.rebuild is None:
+            raise CheckpointError(f"{self.path} is corrupt (its tensors do not match their checksum); convert the model again")
+        notice(f"the cached weights {self.path} were corrupt (checksum mismatch); rebuilding them")
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        return self.rebuild()
 
 
 def write(path: Path, ew: EngineWeights, config: GPT2Config, identity: list | None) -> None:
+    """Write the weights file atomically; OSError (whatever failed: a full disk, no permission) leaves
+    no file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensorfile.write(path, ew.tensors(), metadata(config, ew.dtype, identity))
+    tensorfile.write(path, ew.tensors(), metadata(config, ew, identity))
 
 
 def entry_path(files: list[Path], dtype: str) -> Path:
@@ -89,24 +137,28 @@ def entry_path(files: list[Path], dtype: str) -> Path:
 
 def engine_weights(files: list[Path], config: GPT2Config, dtype: str, build) -> EngineWeights:
     """The checkpoint made of `files` in `dtype`: mapped from the cache, or built with `build()` (->
-    EngineWeights) and cached. A stale or corrupt entry is rebuilt; an unwritable cache means the
-    conversion stays in memory, with a notice."""
+    EngineWeights) and cached. A stale entry is rebuilt, and so is a corrupt one (when its checksum
+    fails, see `Verification`); an unwritable cache means the conversion stays in memory, with a notice."""
     identity = source_identity(files)
     path = entry_path(files, dtype)
+
+    def rebuild() -> EngineWeights:
+        ew = build()
+        try:
+            write(path, ew, config, identity)
+        except OSError as e:
+            notice(f"cannot write the weights cache {path.parent} ({e.strerror or e}); converted weights stay in memory "
+                   "(set PICOGPT_FAST_CACHE to a writable folder to keep them)")  # fmt: skip
+            return ew
+        del ew  # the file replaces the in-memory conversion, verified below before use
+        return read(path, config, dtype, identity, fresh=True)
+
     if path.exists():
         try:
-            return read(path, config, dtype, identity)
+            return read(path, config, dtype, identity, rebuild=rebuild)
         except CheckpointError as e:
             notice(f"rebuilding the cached {dtype} weights ({e})")
-    ew = build()
-    try:
-        write(path, ew, config, identity)
-    except OSError as e:
-        notice(f"cannot write the weights cache {path.parent} ({e.strerror or e}); converted weights stay in memory "
-               "(set PICOGPT_FAST_CACHE to a writable folder to keep them)")  # fmt: skip
-        return ew
-    del ew  # the file replaces the in-memory conversion
-    return read(path, config, dtype, identity)
+    return rebuild()
 
 
 def notice(message: str) -> None:

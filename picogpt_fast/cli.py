@@ -362,29 +362,17 @@ def _resolve(model, models_dir, revision):
 
 
 def _load(resolved, backend, dtype, threads, quiet):
-    from . import loader
+    from . import loader, warmup
     from .model import GPT2
 
-    def notice(text):
-        _info(quiet, f"picogpt-fast: {text}")
-
+    warmup.set_notice(lambda text: _info(quiet, f"picogpt-fast: {text}"))
     t0 = time.perf_counter()
-    weights = loader.load_weights(resolved, dtype)
-    compiling = 0.0
-    if backend == "numba":  # kernels compiled (on an empty cache) now, in a child process, and kept out of every timing
-        from .warmup import ensure_cached
-
-        compiling = ensure_cached(weights.dtype, notice)
-        t0 += compiling
-    gpt = GPT2(resolved.config, weights, resolved.tokenizer, backend=backend, threads=threads)
-    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) "
-                 f"in {time.perf_counter() - t0:.2f} s")  # fmt: skip
-    if backend == "numba":  # cached kernels loaded now (or, with no cache, compiled), not inside the first timing
-        from .warmup import ensure_compiled
-
-        done = ensure_compiled(gpt.dtype, threads, notice)
-        if done.compiled or compiling:
-            _info(quiet, f"compiled {done.compiled or done.loaded} kernels in {done.seconds + compiling:.1f} s (cached in {done.cache_dir})")
+    gpt = GPT2(resolved.config, loader.load_weights(resolved, dtype), resolved.tokenizer, backend=backend, threads=threads)
+    k = gpt.kernels  # compiled (on an empty cache) and loaded by the model, kept out of every timing
+    seconds = time.perf_counter() - t0 - (k.child_seconds + k.seconds if k else 0.0)
+    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) in {seconds:.2f} s")
+    if k and (k.compiled or k.child_seconds):
+        _info(quiet, f"compiled {k.compiled or k.loaded} kernels in {k.seconds + k.child_seconds:.1f} s (cached in {k.cache_dir})")
     return gpt
 
 

@@ -25,13 +25,11 @@ import numpy as np
 
 from . import tensors
 from .config import GPT2Config
+from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8  # the format codes the kernels dispatch on (no Numba)
 from .errors import CheckpointError
 from .weights import GPT2Weights, LayerWeights
 
 F32 = np.float32
-# The format codes the kernels dispatch on (kernels/formats.py), and int8's inputs per scale.
-F32_FORMAT, F16, BF16, I8 = 0, 1, 2, 3
-GROUP = 32  # measured: README, "Weight dtypes"
 DTYPES = {"float32": F32_FORMAT, "float16": F16, "bfloat16": BF16, "int8": I8}
 STORAGE = {"float32": np.dtype(F32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 FLOAT16_MAX = 65504.0
@@ -80,6 +78,16 @@ class EngineWeights:
     ln_f_g: np.ndarray  # [E]
     ln_f_b: np.ndarray  # [E]
     sources: list = field(default_factory=list, repr=False)  # memory maps the arrays view
+    verification: object = field(default=None, repr=False)  # a cache file's checksum, being checked (cache.Verification)
+
+    def verified(self) -> "EngineWeights":
+        """These weights once the checksum of the file they map is confirmed (at once if they are in
+        memory); a corrupt cache entry's replacement otherwise (cache.py)."""
+        if self.verification is None:
+            return self
+        checked = self.verification.result(self)
+        self.verification = checked.verification = None
+        return checked
 
     @property
     def fmt(self) -> int:

@@ -13,9 +13,9 @@ prompt is many rows of one sequence (prefill); a decode step is one row per acti
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
-from contextlib import contextmanager
 from typing import NamedTuple
 
 from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
@@ -26,7 +26,7 @@ from . import kernels as K
 from . import threads as T
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix
-from .errors import ConcurrencyError, PicoGPTError
+from .errors import PicoGPTError
 from .session import Session
 
 F32 = np.float32
@@ -48,38 +48,40 @@ PROMPT_BLOCK = 256
 PREFILL_CHUNK = 256
 
 
-# ----------------------------------------------------------------------------- threading guard
-_workqueue_busy = threading.Lock()
+# ----------------------------------------------------------------------------- int8 kernel path
+INT8_KERNEL_ENV = "PICOGPT_FAST_INT8_KERNEL"
 
 
-def threading_layer() -> str:
-    """The Numba threading layer in use (runs a tiny parallel kernel first if none ran yet)."""
+INT8_PROMPT_ENV = "PICOGPT_FAST_INT8_PROMPT"
+
+
+def int8_path(dtype: str) -> int:
+    """The int8 kernels' path (kernels/int8.py): the fastest this CPU runs, unless
+    PICOGPT_FAST_INT8_KERNEL names one (plain, avx2, vnni); a path the CPU lacks falls back to the
+    best one below it, with a line on stderr. Chosen once per model."""
+    from .kernels.cpu import choose_path
+
+    requested = os.environ.get(INT8_KERNEL_ENV)
     try:
-        return numba.threading_layer()
-    except ValueError:  # nothing parallel has run yet: the layer is chosen at the first launch
-        x, param = np.zeros((1, 1), F32), np.ones(1, F32)
-        param.flags.writeable = False  # as the weights are: the engine's own specialisation of the kernel
-        K.layer_norm(x, param, param, F32(1e-5), x)
-        return numba.threading_layer()
+        path, note = choose_path(requested)
+    except ValueError as e:
+        raise PicoGPTError(f"{INT8_KERNEL_ENV}={requested!r}: {e}") from None
+    if note and dtype == "int8":
+        print(f"picogpt-fast: {note}", file=sys.stderr, flush=True)
+    return path
 
 
-@contextmanager
-def parallel_region():
-    """Numba's 'workqueue' layer aborts the process if two threads launch parallel kernels at once;
-    'omp' and 'tbb' are safe. On workqueue, a second concurrent session gets a clear error instead."""
-    if threading_layer() != "workqueue":
-        yield
-        return
-    if not _workqueue_busy.acquire(blocking=False):
-        raise ConcurrencyError(
-            "two sessions ran at once, but Numba's 'workqueue' threading layer cannot run parallel kernels "
-            "from two threads; install tbb (pip install tbb) or make sure libgomp is available, or run the "
-            "sessions one after the other"
-        )
-    try:
-        yield
-    finally:
-        _workqueue_busy.release()
+def int8_prompts(path: int) -> str:
+    """How int8 prompts multiply: "gemm", the integer GEMM (kernels/int8.py), where the CPU has VNNI;
+    else "blas", NumPy's BLAS on the dequantized weights and the same quantized activations, which
+    measured faster than the integer GEMM with AVX2 alone (README, "Weight dtypes").
+    PICOGPT_FAST_INT8_PROMPT=gemm|blas chooses."""
+    requested = os.environ.get(INT8_PROMPT_ENV) or "auto"
+    if requested not in ("auto", "gemm", "blas"):
+        raise PicoGPTError(f"{INT8_PROMPT_ENV}={requested!r} is not one of auto, gemm, blas; unset it or choose one")
+    if requested == "auto":
+        return "gemm" if path == K.PATH_VNNI else "blas"
+    return requested
 
 
 # ----------------------------------------------------------------------------- backend
@@ -113,11 +115,8 @@ class NumbaBackend:
         self.weights = weights
         self.threads = T.check(threads)
         self.team = T.TeamSize(self.threads)  # how many of them decode steps use, measured
-        from .warmup import ensure_cached
-
-        ensure_cached(weights.dtype)  # compiled in a child process if need be, so this one runs cached code
         try:
-            layer = threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
+            layer = T.threading_layer()  # loads Numba's threading layer now, where a failure has a clear message
         except ValueError as e:  # numba: "No threading layer could be loaded."
             raise PicoGPTError(
                 f"Numba could not load a threading layer ({str(e).splitlines()[0]}); install the one "
@@ -125,6 +124,8 @@ class NumbaBackend:
             ) from None
         # workqueue cannot take kernels from two threads at once: prompts' blocks then run on one
         self.block_threads = 1 if layer == "workqueue" else None
+        self.int8_path = int8_path(weights.dtype)
+        self.int8_prompts = int8_prompts(self.int8_path)
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
         self.fmt = weights.fmt
@@ -184,6 +185,9 @@ class RunState:
             self.att = np.zeros((rows, E), F32)  # attention output, heads side by side
             self.ff = np.zeros((rows, F), F32)  # MLP hidden activations
             self.blas_out = np.zeros(rows * max(F, 3 * E), F32)  # BLAS products before their epilogue
+            x8, xs = K.packed_shapes(rows, max(E, F))  # int8: the quantized activations (kernels/int8.py)
+            self.x8, self.xs = np.zeros(int(np.prod(x8)), np.int8), np.zeros(int(np.prod(xs)), F32)
+            self.requant = np.zeros(rows * max(E, F), F32)
             self.prompt_scores = np.zeros(0, F32)  # per head: [block rows, keys] of _attention_blas
         if logit_rows > self.logit_rows:
             self.logit_rows = logit_rows
@@ -194,6 +198,15 @@ class RunState:
 
         if logit_rows > 1 and self.blas_out.size < logit_rows * c.n_vocab:  # all logits of a prompt (scoring)
             self.blas_out = np.zeros(logit_rows * c.n_vocab, F32)
+
+    def requantized(self, rows: int, inputs: int) -> np.ndarray:
+        """A float32 buffer [rows, inputs] for quantized activations as values (int8 prompts on BLAS)."""
+        return self.requant[: rows * inputs].reshape(rows, inputs)
+
+    def quantized(self, rows: int, inputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the int8 activation buffers for `rows` rows of `inputs` values (K.packed_shapes)."""
+        x8, xs = K.packed_shapes(rows, inputs)
+        return self.x8[: int(np.prod(x8))].reshape(x8), self.xs[: int(np.prod(xs))].reshape(xs)
 
     def scratch(self, n: int) -> np.ndarray:
         """n float32 of this thread's own scratch (low-precision weights converted for BLAS)."""
@@ -228,7 +241,7 @@ class NumbaSession(Session):
         self.state.fit(n, n if all_logits else 1, self.capacity)
         # On BLAS, each product is split into blocks run by the team (run_blocks): BLAS itself and the
         # Numba kernels between its calls then run single-threaded.
-        with T.scope(1 if blas else self.threads, 1 if blas else None), parallel_region():
+        with T.scope(1 if blas else self.threads, 1 if blas else None), T.parallel_region():
             t0 = time.perf_counter()
             logits = self._forward_rows(ids, seq, pos, blas, all_logits)
             if not prompt:
@@ -267,41 +280,80 @@ class NumbaSession(Session):
 
     def _linear(self, x, lin: Linear, out, mode, blas: bool, norm=None, h=None) -> None:
         """out = epilogue(xn @ W.T + bias) for lin = (W, scale, bias), xn = layer_norm(x) written into
-        h when norm = (gain, shift) is given, else x. The Numba kernel for few rows (one launch, layer
-        norm included); BLAS for many, on float32 blocks of the weights (converted here unless
-        float32)."""
-        fmt = self.backend.fmt
+        h when norm = (gain, shift) is given, else x. The Numba kernels for few rows (one launch,
+        layer norm included); for many (blas), column blocks taken by the team's threads: BLAS on
+        float32 blocks of the weights (converted here unless float32), or int8's integer GEMM."""
+        b = self.backend
+        if b.fmt == K.I8 and (not blas or b.int8_prompts == "gemm"):
+            self._linear_int8(x, lin, out, mode, blas, norm, h)
+            return
         if not blas:
             # One band of rows per thread of this call (asking Numba instead costs a lock, ~50 times
             # a step). Between a prompt's BLAS blocks one thread takes the bands in turn; no result
             # depends on the band count.
             bands = self.threads
             if norm is None:
-                K.linear(x, lin.w, lin.scale, fmt, lin.bias, out, mode, bands)
+                K.linear(x, lin.w, lin.scale, b.fmt, lin.bias, out, mode, bands)
             else:
-                K.norm_linear(x, norm[0], norm[1], self.backend.eps, h, lin.w, lin.scale, fmt, lin.bias, out, mode, bands)
+                K.norm_linear(x, norm[0], norm[1], b.eps, h, lin.w, lin.scale, b.fmt, lin.bias, out, mode, bands)
             return
         if norm is not None:
-            K.layer_norm(x, norm[0], norm[1], self.backend.eps, h)
+            K.layer_norm(x, norm[0], norm[1], b.eps, h)
             x = h
-        rows, (N, Kd) = x.shape[0], lin.w.shape
-        width = -(-N // PROMPT_COLUMN_BLOCKS)
-        width = -(-width // 64) * 64  # edges on 64-column boundaries
-        y_all = self.state.blas_out[: rows * N]
+        rows, Kd = x.shape
+        if b.fmt == K.I8:  # int8 on BLAS: the activations the integer kernels would quantize, as float32
+            x, source = self.state.requantized(rows, Kd), x
+            self._row_blocks(rows, lambda r0, r1: K.requantize(source, x, r0, r1))
+        y_all = self.state.blas_out[: rows * lin.w.shape[0]]
 
         def block(j0: int, j1: int):
             def run():
-                if fmt == K.F32_FORMAT:
+                if b.fmt == K.F32_FORMAT:
                     w = lin.w[j0:j1]
                 else:
                     w = self.state.scratch((j1 - j0) * Kd).reshape(j1 - j0, Kd)
-                    K.dequantize(lin.w, lin.scale, fmt, j0, w)
+                    K.dequantize(lin.w, lin.scale, b.fmt, j0, w)
                 y = y_all[rows * j0 : rows * j1].reshape(rows, j1 - j0)
                 np.matmul(x, w.T, out=y)  # [rows, K] @ [K, j1 - j0]
                 K.bias_epilogue(y, lin.bias, out, mode, j0)
 
             return run
 
+        self._column_blocks(lin.w.shape[0], block)
+
+    def _linear_int8(self, x, lin: Linear, out, mode, many: bool, norm, h) -> None:
+        """_linear for int8 weights: the activations are quantized (kernels/int8.py), then multiplied
+        in integers; every output is bitwise the same whichever of the two kernels computes it."""
+        b = self.backend
+        x8, xs = self.state.quantized(x.shape[0], x.shape[1])
+        if not many:
+            if norm is None:
+                K.linear_i8(x, x8, xs, lin.w, lin.scale, lin.bias, out, mode, self.threads, b.int8_path)
+            else:
+                K.norm_linear_i8(x, norm[0], norm[1], b.eps, h, x8, xs, lin.w, lin.scale, lin.bias, out, mode, self.threads, b.int8_path)
+            return
+        if norm is None:
+            self._row_blocks(x.shape[0], lambda r0, r1: K.quantize(x, x8, xs, r0, r1, b.int8_path))
+        else:
+            self._row_blocks(x.shape[0], lambda r0, r1: K.norm_quantize(x, norm[0], norm[1], b.eps, h, x8, xs, r0, r1, b.int8_path))
+
+        def block(j0: int, j1: int):
+            return lambda: K.gemm_i8(x.shape[0], x8, xs, lin.w, lin.scale, lin.bias, out, mode, j0, j1, b.int8_path)
+
+        self._column_blocks(lin.w.shape[0], block)
+
+    def _row_blocks(self, rows: int, work) -> None:
+        """work(r0, r1) for blocks of a prompt's rows (multiples of the int8 pack) on the team's
+        threads, each on one Numba thread: a parallel kernel here would leave OpenMP's workers
+        spinning on the cores that the BLAS blocks that follow need."""
+        per = -(-rows // (PROMPT_COLUMN_BLOCKS * K.PACK)) * K.PACK
+        T.run_blocks([lambda r0=r0: work(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)], self.backend.block_threads or self.threads)
+
+    def _column_blocks(self, N: int, block) -> None:
+        """Run block(j0, j1) for PROMPT_COLUMN_BLOCKS column ranges of N outputs on the team's threads.
+        Edges fall on 64-column boundaries and depend on N only, so no result depends on the thread count."""
+        width = -(-N // PROMPT_COLUMN_BLOCKS)
+        width = -(-width // 64) * 64
         T.run_blocks([block(j0, min(N, j0 + width)) for j0 in range(0, N, width)], self.backend.block_threads or self.threads)
 
     def _attention_blas(self, k_cache, v_cache, seq, pos, qkv, att) -> None:
@@ -331,3 +383,23 @@ class NumbaSession(Session):
             return run
 
         T.run_blocks([head(h) for h in range(H)], self.backend.block_threads or self.threads)
+
+
+# ----------------------------------------------------------------------------- every kernel, once
+def exercise(dtype: str, threads: int | None = None) -> None:
+    """Run a tiny model through every path of the engine in `dtype`: a prompt on the Numba kernels and
+    one on BLAS (for int8, on the integer GEMM and on BLAS), decoding, a batch. Each kernel is then
+    compiled, or loaded from Numba's cache, for exactly the argument types a real model passes (what
+    `picogpt-fast warmup` and the model's start-up run, warmup.py)."""
+    from .dtypes import prepare
+    from .weights import random_weights
+
+    config = GPT2Config(n_vocab=16, n_ctx=64, n_embd=8, n_head=2, n_layer=1)
+    backend = NumbaBackend(config, prepare(random_weights(config), config, dtype), threads)
+    for prompts in ("gemm", "blas") if dtype == "int8" else (backend.int8_prompts,):
+        backend.int8_prompts = prompts
+        s = backend.session(2, config.n_ctx)
+        s.prefill(np.arange(BLAS_MIN_ROWS + 1) % config.n_vocab, seq=0, all_logits=True)  # a prompt on BLAS
+        s.prefill([1, 2, 3], seq=1)  # a prompt on the Numba kernels
+        s.decode([4, 5], [0, 1])  # a batch
+        s.decode([6], [1])  # one sequence

@@ -78,9 +78,13 @@ def load_weights(model: Resolved, dtype: str | None = None) -> dtypes.EngineWeig
 def convert(model: Resolved, dtype: str, out: Path) -> Path:
     """Write a self-contained folder with the model's weights in `dtype` (the engine's layout, see
     dtypes.py), a config.json that records the conversion, and the tokenizer files. `resolve(out)`
-    and `load_weights` map it directly, with bitwise the weights of converting on the fly."""
+    and `load_weights` map it directly, with bitwise the weights of converting on the fly.
+
+    All or nothing: the files go into a temporary folder beside `out`, renamed to `out` once every
+    one is complete, so a full disk or an interruption leaves no folder that loads."""
     import json
     import shutil
+    import tempfile
 
     dtype = dtype_for(model, dtype)
     out = Path(out)
@@ -88,15 +92,25 @@ def convert(model: Resolved, dtype: str, out: Path) -> Path:
         raise CheckpointError(f"{out} is the model's own folder; convert into a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty folder; choose a new folder")
-    weights = load_weights(model, dtype)
+    weights = load_weights(model, dtype).verified()  # never copy a corrupt cache entry's bytes
     files = ModelFiles.of(model.folder)
+    tmp = None
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        cache.write(out / "model.safetensors", weights, model.config, identity=None)
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+        cache.write(tmp / "model.safetensors", weights, model.config, identity=None)
         config = {**model.config.to_hf_dict(), CONVERTED_KEY: {"dtype": dtype, "format": int(cache.VERSION)}}
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(files.vocab, out / "vocab.json")
-        shutil.copyfile(files.merges, out / "merges.txt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(files.vocab, tmp / "vocab.json")
+        shutil.copyfile(files.merges, tmp / "merges.txt")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
+        if out.exists():
+            out.rmdir()  # empty (checked above): replaced by the complete folder
+        os.replace(tmp, out)
+        tmp = None
     except OSError as e:
-        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

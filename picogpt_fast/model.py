@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from .tokenizer import Tokenizer
 from .weights import GPT2Weights
 
 BACKENDS = ("numba", "numpy")
+IDLE_SESSIONS = 2  # idle sessions a model keeps for reuse (a session holds its KV cache and buffers)
 DTYPES = tuple(dtypes.DTYPES)
 # Keywords of complete(), generate(), generate_batch(), stream() and stream_text().
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -65,15 +67,23 @@ class GPT2:
             self.engine_weights = dtypes.prepare(weights, config, dtype) if backend == "numba" or dtype != "float32" else None
         else:
             raise InvalidArgumentError(f"weights must be GPT2Weights or EngineWeights, not {type(weights).__name__}")
+        self.kernels = None  # the engine's kernels: compiled once per machine, loaded once per process
         if backend == "numba":
+            from . import warmup
             from .engine import NumbaBackend
 
+            self.kernels = warmup.prepare(self.engine_weights.dtype, threads)  # while a cache file's checksum is checked
+        if self.engine_weights is not None:
+            self.engine_weights = self.engine_weights.verified()
+        if backend == "numba":
             self._backend = NumbaBackend(config, self.engine_weights, threads)
         else:
             from .reference import ReferenceBackend
 
-            self._backend = ReferenceBackend(config, self.weights, threads)
-        self._sessions = threading.local()  # one reusable session per calling thread
+            int8 = self.engine_weights if self.dtype == "int8" else None  # computed in integers, as the engine does
+            self._backend = ReferenceBackend(config, self.weights, threads, int8=int8)
+        self._idle: list[Session] = []  # sessions a finished call left, for the next call to reuse
+        self._idle_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -122,14 +132,26 @@ class GPT2:
         """A new session for up to `n_seq` sequences decoded together (see `picogpt_fast.session`)."""
         return self._backend.session(n_seq, capacity)
 
-    def _session(self, n_seq: int, capacity: int) -> Session:
-        """This thread's reusable session, emptied, with room for `n_seq` sequences of `capacity` tokens."""
-        s = getattr(self._sessions, "session", None)
-        if s is None or s.n_seq < n_seq:
-            s = self._sessions.session = self.session(n_seq, capacity)
+    @contextmanager
+    def _session(self, n_seq: int, capacity: int) -> Iterator[Session]:
+        """An emptied session with room for `n_seq` sequences of `capacity` tokens, this call's alone
+        until it ends: an idle one if there is one (buffers are allocated once, not per call), else
+        a new one. Two calls in flight at once (two threads, or a stream interleaved with another
+        call on one thread) never share one."""
+        with self._idle_lock:
+            s = next((s for s in self._idle if s.n_seq >= n_seq), None)
+            if s is not None:
+                self._idle.remove(s)
+        if s is None:
+            s = self.session(n_seq, capacity)
         s.reserve(capacity)
         s.reset()
-        return s
+        try:
+            yield s
+        finally:
+            with self._idle_lock:
+                if len(self._idle) < IDLE_SESSIONS:
+                    self._idle.append(s)
 
     # ------------------------------------------------------------------ inputs
     def _ids(self, ids: Sequence[int] | str) -> list[int]:
@@ -152,7 +174,8 @@ class GPT2:
             raise InvalidArgumentError("forward() needs at least one token id")
         if len(ids) > self.config.n_ctx:
             raise InvalidArgumentError(f"{len(ids)} tokens exceed the model's context of {self.config.n_ctx}")
-        return self._session(1, len(ids)).prefill(ids, all_logits=True).copy()
+        with self._session(1, len(ids)) as session:
+            return session.prefill(ids, all_logits=True).copy()
 
     # ------------------------------------------------------------------ generation
     def complete(
@@ -188,11 +211,11 @@ class GPT2:
             raise InvalidArgumentError("sampling= takes a SamplingParams, instead of (not beside) the separate sampling keywords")
         ids = [generation.start_ids(self._ids(p), self.eos_id) for p in prompts]
         budgets = [validate.context(len(p), max_new_tokens, self.config.n_ctx, clip) for p in ids]
-        session = self._session(len(ids), max((len(p) + b for p, b in zip(ids, budgets)), default=1))
-        return generation.run(
-            session, self.tokenizer, ids, budgets, params, stop=stop, stop_at_eos=stop_at_eos, eos_id=self.eos_id,
-            logprobs=logprobs, timings=timings, completions=completions,
-        )  # fmt: skip
+        with self._session(len(ids), max((len(p) + b for p, b in zip(ids, budgets)), default=1)) as session:
+            yield from generation.run(
+                session, self.tokenizer, ids, budgets, params, stop=stop, stop_at_eos=stop_at_eos, eos_id=self.eos_id,
+                logprobs=logprobs, timings=timings, completions=completions,
+            )  # fmt: skip
 
     def generate(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> list[int]:
         """Greedy by default; returns only the new ids (without a final <|endoftext|>).
@@ -268,16 +291,16 @@ class GPT2:
             raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
         stride = max(n_ctx // 2, 1) if stride is None else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
         prev_end = 0
-        session = self._session(1, min(n, n_ctx))
-        for begin in range(0, n, stride):
-            end = min(begin + n_ctx, n)
-            first = max(prev_end, begin + 1)  # first token this window scores
-            session.reset()
-            logits = session.prefill(ids[begin:end], all_logits=True)
-            yield begin, logits[first - begin - 1 : end - begin - 1], first, end
-            prev_end = end
-            if end == n:
-                break
+        with self._session(1, min(n, n_ctx)) as session:
+            for begin in range(0, n, stride):
+                end = min(begin + n_ctx, n)
+                first = max(prev_end, begin + 1)  # first token this window scores
+                session.reset()
+                logits = session.prefill(ids[begin:end], all_logits=True)
+                yield begin, logits[first - begin - 1 : end - begin - 1], first, end
+                prev_end = end
+                if end == n:
+                    break
 
 
 def mean_nll(logprobs: np.ndarray) -> tuple[float, int]:

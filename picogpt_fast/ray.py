@@ -51,11 +51,11 @@ class _Actor:
 
     def __init__(self, model: str, dtype: str | None, revision: str | None, threads: int):
         os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))  # before Numba loads in this process
+        from . import warmup
         from .model import GPT2
-        from .warmup import ensure_compiled
 
+        warmup.set_notice(lambda text: None)
         self.model = GPT2.from_pretrained(model, dtype=dtype, revision=revision, threads=threads)
-        ensure_compiled(self.model.dtype, threads, lambda text: None)
         self.model.generate([self.model.eos_id or 0], 2)  # first calls made before the first batch is timed
 
     @staticmethod

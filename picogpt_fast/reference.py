@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import tensors
+from . import dtypes, tensors
 from .config import GPT2Config
 from .session import Session
 from .weights import GPT2Weights
@@ -69,6 +69,66 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, eps: float = 1e-5, lm_head=None
     return x @ (wte if lm_head is None else lm_head).T
 
 
+# --------------------------------------------------------------------------- int8, computed in integers
+def int8_matmul(x, q, scale):  # [m, in], int8 [out, in], [out, groups] -> [m, out]
+    """x @ dequantize(q).T as the engine computes it (kernels/int8.py): x quantized per row and group
+    of 32 by the weights' own rule (dtypes.quantize_int8), each group's product an exact integer
+    (float32 holds it: at most 32 * 127 * 127), scaled by both scales and summed in float64."""
+    with np.errstate(invalid="ignore"):  # NaN activations give NaN scales (and NaN outputs), not warnings
+        xq, xs = dtypes.quantize_int8(np.ascontiguousarray(x, dtype=F32))
+    groups = scale.shape[-1]
+    padded = np.zeros((len(x), groups * dtypes.GROUP), F32)
+    padded[:, : x.shape[-1]] = xq
+    w = np.zeros((q.shape[0], groups * dtypes.GROUP), F32)
+    w[:, : q.shape[1]] = q
+    y = np.zeros((len(x), q.shape[0]), np.float64)
+    for g in range(groups):
+        cols = slice(g * dtypes.GROUP, (g + 1) * dtypes.GROUP)
+        y += (padded[:, cols] @ w[:, cols].T) * (xs[:, g, None] * scale[None, :, g])
+    return y.astype(F32)
+
+
+class Int8Linear:
+    """An int8 weight matrix in picoGPT's place: `x @ w` for w [in, out] (stored as rows q [out, in]
+    with group scales), computed by `int8_matmul`, so picoGPT's functions run unchanged."""
+
+    __array_ufunc__ = None  # ndarray @ Int8Linear defers to __rmatmul__
+
+    def __init__(self, q, scale):
+        self.q, self.scale = q, scale
+
+    def __rmatmul__(self, x):
+        return int8_matmul(x, self.q, self.scale)
+
+
+class Int8Embedding:
+    """The int8 token embedding in picoGPT's place: `wte[ids]` looks up dequantized rows (what the
+    engine's embedding reads), and `wte.T`, the output projection, is an Int8Linear."""
+
+    def __init__(self, q, scale):
+        self.rows = dtypes.dequantize(dtypes.Matrix(q, scale), "int8")
+        self.T = Int8Linear(q, scale)
+
+    def __getitem__(self, ids):
+        return self.rows[ids]
+
+
+def int8_params(params: dict, ew) -> dict:
+    """picoGPT's params with every matrix of int8 EngineWeights `ew` computed in integers."""
+    out = {**params, "blocks": []}
+    for i, block in enumerate(params["blocks"]):
+        block = {**block, "attn": {**block["attn"]}, "mlp": {**block["mlp"]}}
+        for (part, name), field in MATRICES.items():
+            data, scale = getattr(ew, field).layer(i)
+            block[part] = {**block[part], name: {**block[part][name], "w": Int8Linear(data, scale)}}
+        out["blocks"].append(block)
+    out["wte"] = Int8Embedding(ew.wte.data, ew.wte.scale)
+    return out
+
+
+MATRICES = {("attn", "c_attn"): "attn_w", ("attn", "c_proj"): "attn_proj_w", ("mlp", "c_fc"): "fc_w", ("mlp", "c_proj"): "mlp_proj_w"}
+
+
 def params_from_weights(w: GPT2Weights) -> dict:
     """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
     blocks = []
@@ -88,18 +148,20 @@ class ReferenceBackend:
 
     name = "numpy"
 
-    def __init__(self, config: GPT2Config, weights: GPT2Weights, threads: int | None = None):
+    def __init__(self, config: GPT2Config, weights: GPT2Weights, threads: int | None = None, int8=None):
+        """weights: float32 in picoGPT's layout (checked by GPT2); int8: the EngineWeights of an int8
+        model, whose matrices are then computed in integers as the engine does."""
         self.config = config
-        self.weights = weights  # checked by GPT2
+        self.weights = weights
         self.params = params_from_weights(weights)
+        self.lm_head = None if weights.tied else weights.lm_head
+        if int8 is not None:
+            self.params = int8_params(self.params, int8)
+            self.lm_head = None if int8.tied else Int8Embedding(int8.lm_head.data, int8.lm_head.scale)
         self.threads = threads
 
     def forward(self, ids: np.ndarray) -> np.ndarray:  # [n] -> [n, n_vocab]
-        w = self.weights
-        return gpt2(
-            ids, **self.params, n_head=self.config.n_head, eps=self.config.layer_norm_epsilon,
-            lm_head=None if w.tied else w.lm_head,
-        )  # fmt: skip
+        return gpt2(ids, **self.params, n_head=self.config.n_head, eps=self.config.layer_norm_epsilon, lm_head=self.lm_head)
 
     def session(self, n_seq: int = 1, capacity: int = 0) -> "ReferenceSession":
         return ReferenceSession(self, n_seq, capacity)

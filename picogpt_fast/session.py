@@ -11,18 +11,22 @@ through this class; a backend implements the three `_` methods and nothing else.
     b = s.prefill([15496], seq=1)
     rows = s.decode([int(a.argmax()), int(b.argmax())], [0, 1])   # [2, n_vocab]
 
-Returned logits are views into the session's buffers, valid until its next call.
+Returned logits are views into the session's buffers, valid until its next call. A session is one
+thread's at a time: a call entered while another thread is inside one raises ConcurrencyError at
+once (a session's buffers and KV cache cannot serve two calls).
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 import numpy as np
 
 from . import validate
 from .config import GPT2Config
-from .errors import ContextLengthError, InvalidArgumentError
+from .errors import ConcurrencyError, ContextLengthError, InvalidArgumentError
 
 
 class Session(ABC):
@@ -35,11 +39,12 @@ class Session(ABC):
 
     def __init__(self, config: GPT2Config, n_seq: int = 1, capacity: int = 0):
         self.config = config
+        self._busy = threading.Lock()
         self.n_seq = validate.integer("n_seq", n_seq, 1)
         capacity = validate.integer("capacity", capacity, 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
         self._lengths = np.zeros(self.n_seq, np.int64)
         self.capacity = 0
-        self.reserve(max(capacity, 1))
+        self._reserve(max(capacity, 1))
 
     @property
     def lengths(self) -> np.ndarray:
@@ -48,8 +53,21 @@ class Session(ABC):
         view.flags.writeable = False
         return view
 
+    @contextmanager
+    def _entered(self):
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrencyError("this session is in use by another thread; give each thread its own session (model.session())")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` tokens per sequence; what the sequences hold is kept."""
+        with self._entered():
+            self._reserve(capacity)
+
+    def _reserve(self, capacity: int) -> None:
         capacity = min(capacity, self.config.n_ctx)
         if capacity > self.capacity:
             self._grow(capacity)
@@ -57,14 +75,19 @@ class Session(ABC):
 
     def reset(self, seq: int | None = None) -> None:
         """Forget the tokens of one sequence (or of all): its next prefill starts at position 0."""
-        if seq is None:
-            self._lengths[:] = 0
-        else:
-            self._lengths[validate.sequence_index(seq, self.n_seq)] = 0
+        with self._entered():
+            if seq is None:
+                self._lengths[:] = 0
+            else:
+                self._lengths[validate.sequence_index(seq, self.n_seq)] = 0
 
     def prefill(self, ids, seq: int = 0, all_logits: bool = False) -> np.ndarray:
         """Append tokens to sequence `seq`; return the logits of the last one, [n_vocab] (or of every
         one, [len(ids), n_vocab], with all_logits)."""
+        with self._entered():
+            return self._prefill(ids, seq, all_logits)
+
+    def _prefill(self, ids, seq: int, all_logits: bool) -> np.ndarray:
         ids = validate.token_ids(ids, self.config.n_vocab)
         if not len(ids):
             raise InvalidArgumentError("prefill() needs at least one token id")
@@ -97,6 +120,10 @@ class Session(ABC):
 
     def decode(self, tokens, seqs) -> np.ndarray:
         """Append one token to each listed sequence, all in one pass; return their logits [len(seqs), n_vocab]."""
+        with self._entered():
+            return self._decode(tokens, seqs)
+
+    def _decode(self, tokens, seqs) -> np.ndarray:
         seqs = validate.sequence_indices(seqs, self.n_seq)
         tokens = validate.token_ids(tokens, self.config.n_vocab, name="tokens")
         if len(tokens) != len(seqs) or not len(seqs):
@@ -113,7 +140,7 @@ class Session(ABC):
         if end > self.config.n_ctx:
             raise ContextLengthError(f"{what} would hold {end} tokens; the model's context is {self.config.n_ctx}")
         if end > self.capacity:
-            self.reserve(max(end, 2 * self.capacity))
+            self._reserve(max(end, 2 * self.capacity))
 
     # ------------------------------------------------------------------ what a backend implements
     @abstractmethod

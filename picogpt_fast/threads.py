@@ -24,6 +24,44 @@ from . import numba_env  # noqa: F401  (checks Numba's environment variables bef
 import numba
 
 from . import validate
+from .errors import ConcurrencyError
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use (runs a tiny parallel kernel first if none ran yet)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # nothing parallel has run yet: the layer is chosen at the first launch
+        import numpy as np
+
+        from . import kernels as K
+
+        x, param = np.zeros((1, 1), np.float32), np.ones(1, np.float32)
+        param.flags.writeable = False  # as the weights are: the engine's own specialisation of the kernel
+        K.layer_norm(x, param, param, np.float32(1e-5), x)
+        return numba.threading_layer()
+
+
+_workqueue_busy = threading.Lock()
+
+
+@contextmanager
+def parallel_region():
+    """Numba's 'workqueue' layer aborts the process if two threads launch parallel kernels at once;
+    'omp' and 'tbb' are safe. On workqueue, a second concurrent session gets a clear error instead."""
+    if threading_layer() != "workqueue":
+        yield
+        return
+    if not _workqueue_busy.acquire(blocking=False):
+        raise ConcurrencyError(
+            "two sessions ran at once, but Numba's 'workqueue' threading layer cannot run parallel kernels "
+            "from two threads; install tbb (pip install tbb) or make sure libgomp is available, or run the "
+            "sessions one after the other"
+        )
+    try:
+        yield
+    finally:
+        _workqueue_busy.release()
 
 
 def max_threads() -> int:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import codecs
 import heapq
 import itertools
+import numbers
 from pathlib import Path
 from typing import Collection, Iterable, Literal
 
+import numpy as np
 import regex
 
 from .errors import CheckpointError, InvalidArgumentError, read_json
@@ -32,6 +34,7 @@ _CACHE_MAX = 200_000
 # Tokenizer files beyond these are not GPT-2 tokenizers (GPT-2's: 1 MB, 50257 tokens).
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_VOCAB = 1 << 24
+MAX_ADDED_TOKENS = 16  # tokens of a vocabulary that no merge makes (GPT-2: <|endoftext|>), at least
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -96,11 +99,21 @@ class Tokenizer:
         first = 1 if lines and lines[0].startswith("#version") else 0
         pairs = list(map(tuple, map(str.split, filter(None, lines[first:]), itertools.repeat(" "))))
         # the checks run at C speed (start-up time); the slow search below only names a bad line
-        if set(map(len, pairs)) - {2} or "" in itertools.chain.from_iterable(pairs) or set(map("".join, pairs)) - vocab.keys():
+        joined = set(map("".join, pairs))
+        if set(map(len, pairs)) - {2} or "" in itertools.chain.from_iterable(pairs) or joined - vocab.keys():
             n, line = next((n, line) for n, line in enumerate(lines, 1) if n > first and line and (
                 len(p := line.split(" ")) != 2 or not p[0] or not p[1] or p[0] + p[1] not in vocab))  # fmt: skip
             why = "is not a merge 'A B'" if len(p) != 2 or not p[0] or not p[1] else "merges into a token vocab.json lacks"
             raise CheckpointError(f"{merges_path}:{n} {why}: {line[:40]!r}; the two tokenizer files must belong together")
+        # Every token but a few added ones (GPT-2: <|endoftext|>) is a byte or a merge's result: a vocabulary
+        # that merges cannot reach is paired with a cut-short merges.txt (an interrupted copy), which would
+        # split every word into bytes without an error.
+        unreachable = len(vocab.keys() - set(bytes_to_unicode().values()) - joined)
+        if unreachable > max(MAX_ADDED_TOKENS, len(vocab) // 100):
+            raise CheckpointError(
+                f"{merges_path} holds {len(pairs)} merges, but {unreachable} of the {len(vocab)} tokens of {vocab_path.name} "
+                "are no merge's result: the file is cut short or belongs to another vocabulary; re-download the model"
+            )
         return cls(vocab, pairs)
 
     @classmethod
@@ -119,6 +132,7 @@ class Tokenizer:
         """Text to ids. Special tokens are ordinary text unless listed in `allowed_special`."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text)
         if allowed_special == "all":
             allowed = set(self.special_tokens)
         else:
@@ -179,7 +193,7 @@ class Tokenizer:
         return raw
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return b"".join(self.token_bytes(int(i)) for i in ids)
+        return b"".join(self.token_bytes(_token_id(i)) for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; bytes that are not valid UTF-8 become U+FFFD, as in OpenAI's encoder."""
@@ -187,6 +201,24 @@ class Tokenizer:
 
     def incremental_decoder(self) -> "IncrementalDecoder":
         return IncrementalDecoder(self)
+
+
+def _token_id(value) -> int:
+    """An integer token id (a Python or NumPy integer); a float such as 15496.7 is refused, not truncated."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise InvalidArgumentError(f"token id {value!r} is not an integer; pass integer token ids")
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """`text` if it is valid Unicode; a lone surrogate (which no UTF-8 can hold) is refused by position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(
+            f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not valid Unicode; pass UTF-8 text"
+        ) from None
+    return text
 
 
 class IncrementalDecoder:
@@ -200,7 +232,7 @@ class IncrementalDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
+        return self._utf8.decode(self._tokenizer.token_bytes(_token_id(token_id)))
 
     @property
     def pending(self) -> bool:

@@ -1,9 +1,11 @@
 """Weight dtypes: the conversions, the engine's contract in every dtype, the weights cache and
 `picogpt-fast convert`.
 
-The engine in a low-precision dtype is checked against the NumPy reference running on the values
-those weights stand for (dtypes.dequantize), so the comparison isolates the kernels from the
-quantization error; the quantization error itself is measured against float32 (KL divergence).
+The engine in a low-precision dtype is checked against the NumPy reference computing the same model:
+on the values those weights stand for (dtypes.dequantize) for float16 and bfloat16, and for int8 with
+the activations quantized and multiplied in integers as the engine does (reference.int8_matmul). So
+the comparison isolates the kernels from the quantization error; the quantization error itself is
+measured against float32 (KL divergence).
 """
 
 import json
@@ -18,6 +20,13 @@ from picogpt_fast.errors import CheckpointError, InvalidArgumentError
 from .test_engine import LOGIT_TOL, TIE_GAP, decode_logits, prompts
 
 LOW = ["float16", "bfloat16", "int8"]
+# int8 rounds each activation to one of 255 levels per group: a float difference of ~1e-6 between the
+# engine and the reference (layer norm, attention, and BLAS's summation order where int8 prompts run
+# on BLAS) now and then rounds one activation the other way, which moves that row's logits (and the
+# later rows', through attention) by up to ~0.15 on these models (measured: 90-99% of rows within
+# LOGIT_TOL, the rest within 0.14). Such rows are allowed, up to a quarter (a wrong scale, row or
+# bias moves every row), and greedy steps closer than INT8_TIE_GAP count as ties.
+INT8_ROWS_WITHIN_TOL, INT8_MAX_DIFF, INT8_TIE_GAP = 0.75, 0.5, 0.15
 rng = np.random.default_rng(7)
 
 
@@ -60,7 +69,7 @@ def pairs(model_dir):
     made = {}
     for dtype in LOW:
         engine = GPT2.from_pretrained(model_dir("odd"), dtype=dtype)
-        made[dtype] = (engine, GPT2(engine.config, engine.weights, engine.tokenizer, backend="numpy"))
+        made[dtype] = (engine, GPT2(engine.config, engine.engine_weights, engine.tokenizer, backend="numpy"))
     return made
 
 
@@ -68,19 +77,25 @@ def pairs(model_dir):
 def test_logits_and_greedy_ids_match_the_reference(pairs, dtype):
     eng, ref = pairs[dtype]
     assert eng.dtype == dtype and eng.engine_weights.attn_w.data.dtype == dtypes.STORAGE[dtype]
-    worst = 0.0
+    rows = []
     for ids in prompts(5, eng.config.n_ctx, seed=1) + [list(range(eng.config.n_ctx))]:  # short, BLAS-sized, full
-        worst = max(worst, float(np.abs(eng.forward(ids) - ref.forward(ids)).max()))
-    print(f"{dtype}: max |engine - reference on the dequantized weights| = {worst:.2e}")
-    assert worst < LOGIT_TOL
+        rows += list(np.abs(eng.forward(ids) - ref.forward(ids)).max(axis=1))
+    rows = np.array(rows)
+    within = float(np.mean(rows < LOGIT_TOL))
+    print(f"{dtype}: max |engine - reference| = {rows.max():.2e}; rows within {LOGIT_TOL}: {within:.1%}")
+    if dtype == "int8":
+        assert within >= INT8_ROWS_WITHIN_TOL and rows.max() < INT8_MAX_DIFF
+    else:
+        assert rows.max() < LOGIT_TOL
+    tie_gap = INT8_TIE_GAP if dtype == "int8" else TIE_GAP
     compared = 0
     for ids in prompts(12, eng.config.n_ctx, seed=2):
         new = eng.generate(ids, 16, stop_at_eos=False)
-        for t in range(16):
+        for t in range(16):  # the reference is given the engine's tokens so far, so a tie need not end the prompt
             logits = ref.forward(ids + new[:t])[-1]
             top2 = np.sort(logits)[-2:]
-            if top2[1] - top2[0] < TIE_GAP:
-                break
+            if top2[1] - top2[0] < tie_gap:
+                continue
             assert new[t] == int(np.argmax(logits))
             compared += 1
     assert compared >= 0.7 * 12 * 16  # the comparison is not vacuous

@@ -123,12 +123,12 @@ def test_two_sessions_in_two_threads(models):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    if engine.threading_layer() == "workqueue":
+    if threads.threading_layer() == "workqueue":
         pytest.skip("covered by test_workqueue_concurrency_is_refused_not_crashed")  # pragma: no cover
-    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
-    for t in threads:
+    workers = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
     assert not errors
     assert [results[i] for i in range(len(jobs))] == expected
@@ -136,8 +136,8 @@ def test_two_sessions_in_two_threads(models):
 
 def test_workqueue_guard_refuses_a_second_session(models, monkeypatch):
     eng, _ = models("small")
-    monkeypatch.setattr(engine, "threading_layer", lambda: "workqueue")
-    with engine._workqueue_busy:  # another session is running
+    monkeypatch.setattr(threads, "threading_layer", lambda: "workqueue")
+    with threads._workqueue_busy:  # another session is running
         with pytest.raises(ConcurrencyError, match="workqueue"):
             eng.generate([1, 2, 3], 2)
     assert len(eng.generate([1, 2, 3], 2, stop_at_eos=False)) == 2
@@ -150,10 +150,10 @@ def test_workqueue_concurrency_is_refused_not_crashed(model_dir):
         import threading
         from picogpt_fast import GPT2
         from picogpt_fast.errors import ConcurrencyError
-        import picogpt_fast.engine as engine
+        from picogpt_fast.threads import threading_layer
         m = GPT2.from_pretrained({str(model_dir("small"))!r})
         m.generate([1, 2], 2)
-        assert engine.threading_layer() == "workqueue", engine.threading_layer()
+        assert threading_layer() == "workqueue", threading_layer()
         outcomes = []
         def work():
             for _ in range(30):

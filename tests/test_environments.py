@@ -189,3 +189,20 @@ def test_a_process_on_an_empty_kernel_cache_gets_what_later_processes_get(tmp_pa
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert "compiling the engine's kernels" in runs[0].stderr and "compiling" not in runs[1].stderr
     assert runs[0].stdout == runs[1].stdout  # bitwise: the same digits
+
+
+def test_one_compile_from_a_clones_root(tmp_path, model_dir):
+    """A user runs the installed command from the root of a checkout (the README's set-up) on an
+    empty kernel cache. The compile child must import the package the command imported, not the
+    folder's `picogpt_fast` (here one that cannot even be imported): one compile notice, no fall-back."""
+    clone = tmp_path / "clone"
+    (clone / "picogpt_fast").mkdir(parents=True)
+    (clone / "picogpt_fast" / "__init__.py").write_text("raise ImportError('the checkout, not the installed package')\n")
+    command = Path(PYTHON).parent / "picogpt-fast"  # the console script: its own folder, not the working one, leads sys.path
+    assert command.exists(), "the package must be installed (pip install -e . or pip install .)"
+    env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
+    env.pop("PYTHONPATH")  # as a user's shell has it
+    r = subprocess.run([str(command), "run", "Hello", "--model", model_dir("small"), "-n", 2], capture_output=True, text=True, env=env, cwd=clone, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("compiling the engine's kernels") == 1 and "failed" not in r.stderr, r.stderr
+    assert list((tmp_path / "kernels").rglob("picogpt-fast-compiled-float32-*"))

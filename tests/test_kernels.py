@@ -49,6 +49,7 @@ def test_layer_norm(shape, threads):
 
 
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
+FLOAT_DTYPES = ["float32", "float16", "bfloat16"]  # `linear` and `norm_linear` (int8 is multiplied in integers: test_int8.py)
 
 
 def matrix(N, K, dtype, scale=1.0):
@@ -76,12 +77,12 @@ def lanes():
     return numba.get_num_threads()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 5, 17])
 @pytest.mark.parametrize("N,Kd", [(1, 1), (3, 7), (4, 64), (5, 100), (33, 65), (130, 96), (200, 3), (7, 31), (9, 33)])
 def test_linear_all_modes(dtype, M, N, Kd, threads):
-    """Every dtype against float64 NumPy on the values the weights stand for; sizes off the vector
-    width and off the int8 group (K = 31, 33, 65, 100)."""
+    """Every float dtype against float64 NumPy on the values the weights stand for; sizes off the
+    vector width (K = 31, 33, 65, 100)."""
     (w, values), x, b = matrix(N, Kd, dtype), randn(M, Kd), randn(N)
     fmt = dtypes.DTYPES[dtype]
     y64 = x.astype(np.float64) @ values.T.astype(np.float64) + b
@@ -97,7 +98,7 @@ def test_linear_all_modes(dtype, M, N, Kd, threads):
     np.testing.assert_allclose(out, resid + y64, **tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M,N,Kd", [(1, 5, 36), (3, 130, 96), (17, 7, 33)])
 def test_norm_linear_is_layer_norm_then_linear(dtype, M, N, Kd, threads):
     """The fused kernel: h = layer_norm(x) is written out, and out is bitwise what `linear` gives on h."""
@@ -112,7 +113,7 @@ def test_norm_linear_is_layer_norm_then_linear(dtype, M, N, Kd, threads):
     np.testing.assert_allclose(out, gelu64(h.astype(np.float64) @ values.T.astype(np.float64) + b), rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_output_projection_shape(dtype, threads):
     """The output projection is `linear` over the vocabulary rows (no bias)."""
     (wte, values), x = matrix(50257, 36, dtype), randn(3, 36)
@@ -138,7 +139,7 @@ def test_bias_epilogue(mode, threads):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("N,Kd", [(131, 99), (1000, 99), (2304, 64), (7, 96)])
 def test_linear_is_batch_and_thread_invariant(dtype, N, Kd):
     """Each output sums in the same order whatever the batch, thread count and number of bands

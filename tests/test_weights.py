@@ -221,9 +221,10 @@ print(json.dumps({"before": before, "load": after_load, "peak": status("VmHWM"),
 
 @pytest.mark.slow
 def test_peak_memory_124m_from_the_cache(tmp_path, tokenizer_dir):
-    """With a warm weights cache, loading maps a file and copies nothing: after loading and a first
-    token the process has grown by about the weights once (mapped pages). int8 needs at most 40% of
-    float32's memory (issue 8's goal)."""
+    """With a warm weights cache, loading maps a file and copies nothing: after loading (which reads
+    every byte once, checking the entry's checksum) and a first token the process has grown by about
+    the weights once (mapped pages, shared with other processes); a copy would double it. int8 needs
+    at most 40% of float32's memory."""
     config = GPT2Config.from_shape("124M")
     save_pretrained(tmp_path, config, random_weights(config, std=0.02), tokenizer_dir=tokenizer_dir)
     growth = {}
@@ -237,6 +238,6 @@ def test_peak_memory_124m_from_the_cache(tmp_path, tokenizer_dir):
         print(f"124M {dtype}: weights {r['weights'] / 1e6:.0f} MB; peak RSS growth {(r['load'] - r['before']) / 1e6:.0f} MB after "
               f"loading ({load:.2f}x), {growth[dtype] / 1e6:.0f} MB after the first token ({peak:.2f}x)")
         if dtype == "float32":
-            assert load < 0.2 and peak < 1.25
+            assert load < 1.25 and peak < 1.25
     print(f"int8 / float32 peak growth: {growth['int8'] / growth['float32']:.2f}")
     assert growth["int8"] <= 0.4 * growth["float32"]

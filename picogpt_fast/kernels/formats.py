@@ -9,9 +9,11 @@ thread streams its rows sequentially from memory. A row is held in one of four f
     BF16  bfloat16, stored as its uint16 bits (the high half of a float32)
     I8    int8 with one float32 scale per group of GROUP consecutive inputs: w[k] = scale[k // GROUP] * q[k]
 
-Activations, accumulation and results stay float32; low-precision values are widened in registers
-as they are read. `row_dot` picks the format from the array's type (and `fmt` for the two uint16
-formats) when a kernel is compiled, so each kernel is written once for all formats.
+Activations, accumulation and results stay float32; float16 and bfloat16 values are widened in
+registers as they are read. `row_dot` picks the format from the array's type (and `fmt` for the two
+uint16 formats) when a kernel is compiled, so each kernel is written once for those formats. int8
+rows are multiplied in integers with quantized activations (int8.py); here they are only widened
+for lookups (the embedding) and for BLAS blocks (`widen_row`).
 """
 
 import numpy as np
@@ -19,7 +21,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
-from ..dtypes import BF16, F16, F32_FORMAT, GROUP, I8  # noqa: F401  (the format codes, defined without Numba)
+from .codes import BF16, F16, F32_FORMAT, GROUP, I8  # noqa: F401  (the format codes, shared with dtypes.py)
 from .dot import dot
 from .jit import FASTMATH, helper
 
@@ -70,7 +72,7 @@ def dot_bf16(w, x):
     return s
 
 
-# LLVM IR pieces of the int8 intrinsics below: 16 lanes, what one AVX-512 register (two AVX ones) holds.
+# LLVM IR pieces of the int8 dequantization below: 16 lanes, what one AVX-512 register (two AVX ones) holds.
 _F32, _I8, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _VEC, _QVEC, _IVEC = ir.VectorType(_F32, 16), ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
 
@@ -85,119 +87,6 @@ def _splat(builder, value):
     """A float32 value in all 16 lanes."""
     one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), ir.Constant(_IVEC, [0] * 16))
-
-
-ACCUMULATORS = 4  # independent sums per row in the int8 dot
-INPUTS = 4  # input rows that dot4_i8 takes at once
-
-
-def _int8_dots(inputs: int):
-    """An intrinsic: for one int8 row q [K] with scales [G] and each of `inputs` float32 rows
-    x[m0], x[m0 + 1], ... of x [M, K] (or x itself if 1-D), the sum over groups g < n_groups of
-    scale[g] * (q[32g:32g+32] . x[32g:32g+32]).
-
-    Written as LLVM IR because the loop must keep its 16-lane accumulators in registers: from plain
-    Numba code LLVM stores accumulators to memory on every group (it cannot prove they do not alias
-    the inputs), and those stores halved the kernel's speed (measured: 18 vs 12 GB/s per core with
-    the data in cache, 26 vs 17 GB/s from memory on 2 cores).
-
-    Per group: acc = fma(fma(float(q_lo), x_lo, float(q_hi) * x_hi), scale[g], acc) on 16 lanes, as
-    explicit fused multiply-adds so that every input row is summed by the same operations whether
-    it comes alone or with others (a batch gets bitwise the results of one sequence). Group g goes
-    to accumulator g % 4 (a last n_groups % 4 groups to the combined sum, in order): with one
-    accumulator each group waited for the one before, and a row took 12.4 cycles per group on a
-    Zen 4 core with the data in cache; with four, 4.7. With the helpers inlined as well (jit.py),
-    `linear` on GPT-2's [50257, 768] output projection in int8 reads 32 GB/s from memory on 2 cores,
-    against 16 GB/s before both changes, and float32 reads 27-28. At the end the accumulators are
-    added pairwise, (a0 + a1) + (a2 + a3), and the 16 lanes likewise in a fixed order, so the result
-    does not depend on the CPU's vector width. Several input rows (a batch) share each widening of
-    q to float32, the larger part of the work. (Four weight rows at once, sharing x, were as fast in
-    cache but read memory at 14 GB/s: four short interleaved streams defeat the prefetchers.)
-    """
-
-    @intrinsic
-    def dots(typingctx, q, scale, x, m0, n_groups):
-        if GROUP != 32 or not (isinstance(q, types.Array) and q.dtype == types.int8 and q.ndim == 1 and q.layout == "C"):
-            return None
-        if not (isinstance(x, types.Array) and x.layout == "C" and (x.ndim == 2 or inputs == 1)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            f32, i8, i32, i64, vec = _F32, _I8, _I32, _I64, _VEC
-            qp, sp = (builder.bitcast(context.make_array(t)(context, builder, v).data, e.as_pointer())
-                      for t, v, e in zip(signature.args[:2], args[:2], (i8, f32)))  # fmt: skip
-            xa = context.make_array(signature.args[2])(context, builder, args[2])
-            first, n = (builder.sext(a, i64) if a.type.width < 64 else a for a in args[3:])
-            xps = []  # each input row's first float
-            for i in range(inputs):
-                if signature.args[2].ndim == 1:
-                    xps.append(builder.bitcast(xa.data, f32.as_pointer()))
-                    continue
-                offset = builder.mul(builder.add(first, ir.Constant(i64, i)), builder.extract_value(xa.strides, 0))
-                xps.append(builder.bitcast(builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [offset]), f32.as_pointer()))
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
-            A, zero = ACCUMULATORS, ir.Constant(vec, [0.0] * 16)
-
-            def add_group(g, accs):  # accs[i] + scale[g] * (q . x[i] over group g), for each input i
-                ks = [builder.add(builder.mul(g, ir.Constant(i64, 32)), ir.Constant(i64, 16 * half)) for half in (0, 1)]
-                qs = [_int8x16_as_f32(builder, qp, k) for k in ks]
-                splat = _splat(builder, builder.load(builder.gep(sp, [g])))
-                out = []
-                for xp, acc in zip(xps, accs):
-                    lo, hi = (builder.load(builder.bitcast(builder.gep(xp, [k]), vec.as_pointer()), align=4) for k in ks)
-                    group = builder.call(fma, [qs[0], lo, builder.fmul(qs[1], hi)])
-                    out.append(builder.call(fma, [group, splat, acc]))
-                return out
-
-            def loop(name, start, stop, step, inits, body):
-                """for g in range(start, stop, step): values = body(g, values); the values after."""
-                before, block, after = builder.block, builder.append_basic_block(name), builder.append_basic_block(name + "_end")
-                builder.cbranch(builder.icmp_signed("<", start, stop), block, after)
-                builder.position_at_end(block)
-                g, phis = builder.phi(i64), [builder.phi(vec) for _ in inits]
-                news = body(g, phis)
-                g_next = builder.add(g, ir.Constant(i64, step))
-                for phi, init, value in ((g, start, g_next), *zip(phis, inits, news)):
-                    phi.add_incoming(init, before)
-                    phi.add_incoming(value, block)
-                builder.cbranch(builder.icmp_signed("<", g_next, stop), block, after)
-                builder.position_at_end(after)
-                outs = [builder.phi(vec) for _ in inits]
-                for out, init, value in zip(outs, inits, news):
-                    out.add_incoming(init, before)
-                    out.add_incoming(value, block)
-                return outs
-
-            def main(g, accs):  # accs[a * inputs + i]: accumulator a of input i
-                for a in range(A):
-                    accs = accs[: a * inputs] + add_group(builder.add(g, ir.Constant(i64, a)), accs[a * inputs : (a + 1) * inputs]) + accs[(a + 1) * inputs :]
-                return accs
-
-            n_main = builder.mul(builder.sdiv(n, ir.Constant(i64, A)), ir.Constant(i64, A))
-            accs = loop("groups", ir.Constant(i64, 0), n_main, A, [zero] * (A * inputs), main)
-            totals = []
-            for i in range(inputs):
-                mine = accs[i::inputs]
-                while len(mine) > 1:  # (a0 + a1) + (a2 + a3)
-                    mine = [builder.fadd(mine[k], mine[k + 1]) for k in range(0, len(mine), 2)]
-                totals.append(mine[0])
-            totals = loop("last_groups", n_main, n, 1, totals, add_group)
-            sums = []
-            for total in totals:
-                width = 16
-                while width > 1:  # lanes 0..w/2-1 + lanes w/2..w-1, halving
-                    width //= 2
-                    halves = [builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(o, o + width)))) for o in (0, width)]
-                    total = builder.fadd(*halves)
-                sums.append(builder.extract_element(total, ir.Constant(i32, 0)))
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return types.UniTuple(types.float32, inputs)(q, scale, x, m0, n_groups), codegen
-
-    return dots
-
-
-_int8_dot, _int8_dot4 = _int8_dots(1), _int8_dots(INPUTS)
 
 
 @intrinsic
@@ -222,38 +111,6 @@ def _int8_groups_to_f32(typingctx, q, scale, out, n_groups):
         return context.get_dummy_value()
 
     return types.none(q, scale, out, n_groups), codegen
-
-
-@helper
-def dot_i8(q, scale, x):
-    """sum(scale[k // GROUP] * q[k] * x[k]) for a row of int8 with per-group scales."""
-    K = x.shape[0]
-    full = K // GROUP
-    s = _int8_dot(q, scale, x, 0, full)[0]
-    if full * GROUP < K:  # a last, partial group (a branch, not a loop: no cost for GPT-2's sizes)
-        s += _partial_group(q, scale[full], x, full * GROUP)
-    return s
-
-
-@helper
-def dot4_i8(q, scale, x, m0):
-    """(dot_i8(q, scale, x[m0 + i]) for i < 4), bitwise, widening q once for the four."""
-    K = x.shape[1]
-    full = K // GROUP
-    s = _int8_dot4(q, scale, x, m0, full)
-    if full * GROUP < K:
-        k0, sg = full * GROUP, scale[full]
-        return (s[0] + _partial_group(q, sg, x[m0], k0), s[1] + _partial_group(q, sg, x[m0 + 1], k0),
-                s[2] + _partial_group(q, sg, x[m0 + 2], k0), s[3] + _partial_group(q, sg, x[m0 + 3], k0))  # fmt: skip
-    return s
-
-
-@helper
-def _partial_group(q, sg, x, k0):
-    t = F32(0.0)
-    for k in range(k0, x.shape[0]):
-        t += sg * (F32(q[k]) * x[k])
-    return t
 
 
 @helper
@@ -293,7 +150,7 @@ def _widen_row(w, scale, fmt, j, out):
 
 
 def row_dot(w, scale, fmt, j, x):  # dispatched on the storage type by the overload below
-    """Row j of weight matrix w (in format fmt, with int8 scales) dotted with the float32 vector x."""
+    """Row j of weight matrix w (float32, float16 or bfloat16 in format fmt) dotted with the float32 vector x."""
     raise NotImplementedError
 
 
@@ -307,9 +164,7 @@ def _row_dot(w, scale, fmt, j, x):
             return dot_f16(w[j], x) if fmt == F16 else dot_bf16(w[j], x)
 
         return half
-    if w.dtype == types.int8:
-        return lambda w, scale, fmt, j, x: dot_i8(w[j], scale[j], x)
-    return None
+    return None  # int8 weights are multiplied in integers (int8.py)
 
 
 @overload(_widen)  # strict float semantics: the product is rounded on its own, never fused into a sum

@@ -59,6 +59,9 @@ CACHE = _cache_enabled()
 
 # A parallel kernel called from Python with preallocated output buffers.
 kernel = njit(parallel=True, cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
+# A kernel that runs on the calling thread only (one block of a prompt's product, taken by a thread
+# of the team: threads.run_blocks).
+serial_kernel = njit(cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # A parallel kernel whose sums must round every product first (no fused multiply-add), so that a
 # low-precision weight enters them as exactly the float32 value dtypes.dequantize gives.
 strict_kernel = njit(parallel=True, cache=CACHE, nogil=True, error_model="numpy")
@@ -73,3 +76,7 @@ helper = njit(inline="always", cache=CACHE, nogil=True, fastmath=FASTMATH, error
 # A helper whose operation order matters (range reductions, polynomials): contraction only. Its
 # instructions keep these flags when inlined into a kernel.
 precise_helper = njit(cache=CACHE, nogil=True, fastmath={"contract"}, error_model="numpy")
+# A helper whose every operation must happen in the written order (the plain int8 dot, which the
+# vector paths match bitwise): no fast-math at all (set explicitly: Numba gives a callee its caller's
+# flags otherwise), and called, not inlined by Numba, so that the kernel's flags never reach it.
+exact_helper = njit(cache=CACHE, nogil=True, fastmath=False, error_model="numpy")

@@ -1,13 +1,12 @@
-"""Matrix products for few rows: every linear layer and the output projection while decoding.
+"""Matrix products for few rows in float32, float16 and bfloat16 (int8: int8.py): every linear layer
+and the output projection while decoding.
 
 Decoding multiplies one row per sequence by every weight matrix, so it is bound by memory
 bandwidth: each weight must be read once per step, at full speed. Weights are stored [N, K], one row
 per output (formats.py), and `linear` gives each thread a contiguous range of output rows, which it
 reads front to back: one sequential stream per thread, the pattern memory serves fastest (measured:
 ~30 GB/s on 2 cores where four interleaved row streams reach ~19). A batch of M sequences is handled
-in the same pass: each weight row, once read, is used for every sequence while it sits in L1, and
-int8 widens it to float32 once for four sequences (measured, 124M decode steps: 264 / 279 / 293
-tok/s at batch 4 / 8 / 16, against 192 / 219 / 252 widening it for each sequence).
+in the same pass: each weight row, once read, is used for every sequence while it sits in L1.
 
 Every output is one dot product of a weight row and an input row, computed by one thread, in an
 order fixed by the code, whatever M, the row's position in the batch and the thread count: a
@@ -18,12 +17,10 @@ For prompts (many rows) a BLAS matrix-matrix product is faster; `engine.py` choo
 """
 
 from numba import prange
-from numba.core import types
-from numba.extending import overload
 
 from .activations import epilogue
-from .formats import INPUTS, dot4_i8, row_dot, widen_row
-from .jit import FASTMATH, kernel, kernel_part
+from .formats import row_dot, widen_row
+from .jit import kernel, kernel_part
 from .layernorm import norm_row
 
 
@@ -56,42 +53,14 @@ def _rows_times_weights(x, w, scale, fmt, b, out, mode, bands):
     # multiplies them by every input row before moving on: every weight is read from memory once,
     # and each input row stays in L1 while it meets those rows.
     block = max(1, 16384 // (K * w.itemsize)) if M > 1 else per
-    grouped = M - M % INPUTS  # sequences taken four at a time (int8 widens each weight once for them)
     for t in prange(bands):
         end = min(N, (t + 1) * per)
         for j0 in range(t * per, end, block):
             j1 = min(end, j0 + block)
-            for m0 in range(0, grouped, INPUTS):
-                for j in range(j0, j1):
-                    four_outputs(out, w, scale, fmt, j, x, m0, b, mode)
-            for m in range(grouped, M):
+            for m in range(M):
                 xm = x[m]
                 for j in range(j0, j1):
                     epilogue(out, m, j, row_dot(w, scale, fmt, j, xm) + b[j], mode)
-
-
-def four_outputs(out, w, scale, fmt, j, x, m0, b, mode):  # dispatched on the storage type by the overload below
-    """out[m, j] = epilogue(row j of w . x[m] + b[j]) for m = m0..m0+3, each bitwise what row_dot
-    gives alone. int8 widens row j once for the four (dot4_i8); other formats go one by one."""
-    raise NotImplementedError
-
-
-@overload(four_outputs, inline="always", jit_options={"fastmath": FASTMATH})
-def _four_outputs(out, w, scale, fmt, j, x, m0, b, mode):
-    if w.dtype == types.int8:
-
-        def shared(out, w, scale, fmt, j, x, m0, b, mode):
-            s = dot4_i8(w[j], scale[j], x, m0)
-            for i in range(INPUTS):
-                epilogue(out, m0 + i, j, s[i] + b[j], mode)
-
-        return shared
-
-    def one_by_one(out, w, scale, fmt, j, x, m0, b, mode):
-        for i in range(INPUTS):
-            epilogue(out, m0 + i, j, row_dot(w, scale, fmt, j, x[m0 + i]) + b[j], mode)
-
-    return one_by_one
 
 
 @kernel
