@@ -72,17 +72,19 @@ def metadata(config: GPT2Config, ew: EngineWeights, identity: list | None) -> di
 def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: list | None = None, rebuild=None, fresh=False) -> EngineWeights:
     """Map a weights file written by `write`; CheckpointError if it is not one, or not for this
     config, dtype (None: any) and source identity (None: any). Its checksum is verified in the
-    background (see `Verification`); `rebuild()` makes the weights anew if it fails."""
+    background (see `Verification`); `rebuild()` makes the weights anew if it fails (a cache entry;
+    None for a folder written by `convert`, whose errors then say to convert again)."""
+    fix = "" if identity is not None else "; convert the model again"
     entries, meta = tensorfile.read_header(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a picogpt-fast weights file")
+        raise CheckpointError(f"{path} is not a picogpt-fast weights file{fix}")
     if meta.get("version") != VERSION or meta.get("group") != str(dtypes.GROUP):
-        raise CheckpointError(f"{path} was written by another version of picogpt-fast (format {meta.get('version')}); convert again")
+        raise CheckpointError(f"{path} was written by another version of picogpt-fast (format {meta.get('version')}){fix}")
     stored = meta.get("dtype")
     if stored not in dtypes.DTYPES or (dtype is not None and stored != dtype):
-        raise CheckpointError(f"{path} holds {stored} weights, not {dtype}")
+        raise CheckpointError(f"{path} holds {stored} weights, not {dtype}{fix}")
     if meta.get("config") != json.dumps(config.to_hf_dict(), sort_keys=True):
-        raise CheckpointError(f"{path} was converted from a model with another config")
+        raise CheckpointError(f"{path} was converted from a model with another config{fix}")
     if identity is not None and meta.get("source") != json.dumps(identity):
         raise CheckpointError(f"{path} was converted from another version of the checkpoint")
     buf = tensorfile.map_file(path)

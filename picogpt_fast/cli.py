@@ -6,6 +6,7 @@ Every user error ends in one line on stderr and a non-zero exit code, never a tr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import InvalidArgumentError, PicoGPTError
+from .tokenizer import check_text
 
 EXAMPLES = """
 \b
@@ -192,6 +194,7 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
     `text`, `ids`, `stop_reason` and `error` added to --out."""
     from .sampling import SamplingParams
 
+    _need_stdout()
     # built (and so checked) before anything is loaded
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     _no_dataset_options("run", dataset, out, **{"--column": (column, "prompt"), "--ray-address": (ray_address, None), "--actors": (actors, None),
@@ -215,8 +218,9 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
         raise InvalidArgumentError("--stream prints plain text for one prompt; it cannot be combined with --json, --file or --jsonl")
     if logprobs and not (as_json or jsonl_file):
         raise InvalidArgumentError("--logprobs needs --json (or --jsonl)")
+    extras = None
     if batch:
-        prompts = _read_prompts(prompt_file, jsonl_file)
+        prompts, extras = _read_prompts(prompt_file, jsonl_file)
     elif prompt is None:  # `echo text | picogpt-fast run`: the prompt is stdin's text, as other LLM tools read it
         piped = _stdin_text()
         prompts = [piped[:-1] if piped.endswith("\n") else piped]
@@ -247,7 +251,7 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
                 "stop_reason": c.stop_reason,
             }  # fmt: skip
             if batch:
-                record = {"index": i, **record}
+                record = {"index": i, **extras[i], **record}
             else:
                 record["timings"] = timings.as_dict()
             if logprobs:
@@ -292,30 +296,41 @@ def _print_json(record) -> None:
     click.echo(json.dumps(record, ensure_ascii=not utf8, allow_nan=False))
 
 
-def _read_prompts(prompt_file, jsonl_file) -> list[str]:
+RESULT_FIELDS = ("index", "prompt", "prompt_ids", "ids", "text", "stop_reason", "logprobs", "timings")
+
+
+def _read_prompts(prompt_file, jsonl_file) -> tuple[list[str], list[dict]]:
+    """(prompts, each line's other fields): --file lines are prompts; --jsonl lines are JSON strings,
+    or objects with a "prompt" string whose other fields are written back beside the results."""
     path = Path(prompt_file or jsonl_file)
     text = _stdin_text() if str(path) == "-" else _read_text(path)
     lines = text.splitlines()
     if prompt_file is not None:
         if not lines:
             raise InvalidArgumentError(f"{path} holds no prompts")
-        return lines
-    prompts = []
+        return lines, [{} for _ in lines]
+    prompts, extras = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-        except ValueError as e:
-            raise InvalidArgumentError(f"{path}:{n} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise InvalidArgumentError(f"{path}:{n} is not valid JSON ({str(e)[:100]})") from None
+        fields = {}
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            fields = {k: v for k, v in item.items() if k != "prompt"}
             item = item["prompt"]
         if not isinstance(item, str):
             raise InvalidArgumentError(f'{path}:{n} must be a JSON string or an object with a "prompt" string')
-        prompts.append(item)
+        taken = next((k for k in fields if k in RESULT_FIELDS), None)
+        if taken:
+            raise InvalidArgumentError(f"{path}:{n} has a field {taken!r}, which the results would overwrite; rename it")
+        prompts.append(check_text(item, f"{path}:{n}"))
+        extras.append(fields)
     if not prompts:
         raise InvalidArgumentError(f"{path} holds no prompts")
-    return prompts
+    return prompts, extras
 
 
 def _read_text(path: Path) -> str:
@@ -333,11 +348,13 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
     if echo:
         out.write(prompt)
         out.flush()
-    t0 = time.perf_counter()
+
+    def show(index, new_ids, piece):
+        out.write(piece)
+        out.flush()
+
     try:
-        for piece in gpt.stream_text(ids, max_new_tokens, stop=list(stop), stop_at_eos=not ignore_eos, clip=clip, sampling=sampling):
-            out.write(piece)
-            out.flush()
+        _, timings = gpt.complete([ids], max_new_tokens, on_token=show, stop=list(stop), stop_at_eos=not ignore_eos, clip=clip, sampling=sampling)
     except KeyboardInterrupt:
         out.write("\n")
         out.flush()
@@ -345,14 +362,16 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
         sys.exit(130)
     out.write("\n")
     out.flush()
-    _info(quiet, f"streamed in {time.perf_counter() - t0:.2f} s")
+    _info(quiet, _timing_line(timings))
+
+
+def _count(n: int, word: str) -> str:
+    """"1 token", "2 tokens"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _timing_line(t) -> str:
-    return (
-        f"prefill: {t.prefill_tokens} tokens in {t.prefill_s * 1e3:.1f} ms; "
-        f"decode: {t.decode_tokens} tokens at {t.decode_tok_s:.1f} tok/s"
-    )
+    return f"prefill: {_count(t.prefill_tokens, 'token')} in {t.prefill_s * 1e3:.1f} ms; decode: {_count(t.decode_tokens, 'token')} at {t.decode_tok_s:.1f} tok/s"
 
 
 def _resolve(model, models_dir, revision):
@@ -386,9 +405,12 @@ def _load(resolved, backend, dtype, threads, quiet):
 @click.option("--allow-special", is_flag=True, help="Encode the text <|endoftext|> as its special id.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ids.")
 def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
-    """Print the token ids of TEXT (or, with --decode, the text of ids)."""
+    """Print the token ids of TEXT (or, with --decode, the text of ids); TEXT - reads stdin."""
     from .tokenizer import Tokenizer
 
+    _need_stdout()
+    if text == "-":
+        text = _stdin_text()
     tok = Tokenizer.from_pretrained(_model_name(model, models_dir), revision=revision)
     if decode:
         try:
@@ -427,6 +449,7 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
 
     from .model import mean_nll
 
+    _need_stdout()
     _no_dataset_options("score", dataset, out, **{"--column": (column, "text"), "--ray-address": (ray_address, None), "--actors": (actors, None),
                         "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
     if dataset is not None:
@@ -443,13 +466,13 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     resolved = _resolve(model, models_dir, revision)
     ids = resolved.tokenizer.encode(text)
     if len(ids) < 2:
-        raise InvalidArgumentError(f"{file} holds {len(ids)} token; scoring needs at least 2")
+        raise InvalidArgumentError(f"{file} holds {_count(len(ids), 'token')}; scoring needs at least 2")
     gpt = _load(resolved, backend, dtype, threads, quiet)
     t0 = time.perf_counter()
     nll, n_scored = mean_nll(gpt.score(ids, stride=stride))
     if not math.isfinite(nll):
         raise InvalidArgumentError("the model produced NaN or infinite log-probabilities; the checkpoint is probably corrupt (re-download it)")
-    _info(quiet, f"scored {n_scored} of {len(ids)} tokens in {time.perf_counter() - t0:.2f} s")
+    _info(quiet, f"scored {n_scored} of {_count(len(ids), 'token')} in {time.perf_counter() - t0:.2f} s")
     result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
     if against is not None:
         baseline = _load(resolved, backend, against, threads, quiet)
@@ -492,6 +515,7 @@ def warmup(threads):
     """Compile every Numba kernel now, so that the first real run does not wait for it."""
     from .warmup import compile_all
 
+    _need_stdout()
     done = compile_all(threads)
     what = f"compiled {done.compiled} kernels" if done.compiled else f"loaded {done.loaded} compiled kernels from the cache (nothing to compile)"
     click.echo(f"{what} in {done.seconds:.1f} s (cache: {done.cache_dir}; threading layer: {done.threading_layer})")
@@ -515,6 +539,7 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
     """Prefill and decode speed, time to first token, memory and bandwidth, like llama-bench."""
     from .benchmark import run_bench
 
+    _need_stdout()
     if model is not None and shape is not None:
         raise InvalidArgumentError("give --model or --shape, not both")
     try:
@@ -596,6 +621,24 @@ def main(argv=None) -> None:
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    except OSError as e:  # writing the results failed: a full disk, an I/O error
+        _silence_stdout()  # nothing left to flush at exit, where it would fail again with a traceback
+        click.echo(f"error: cannot write the results ({e.strerror or e}); free some space or write them elsewhere", err=True)
+        sys.exit(1)
+
+
+def _need_stdout() -> None:
+    """A command whose results go to stdout refuses to run with stdout closed (`>&-`): they would be lost."""
+    closed = sys.stdout is None
+    if not closed:
+        try:
+            os.fstat(sys.stdout.fileno())
+        except io.UnsupportedOperation:  # an in-memory stream (no descriptor): open
+            pass
+        except (OSError, ValueError):
+            closed = True
+    if closed:
+        raise InvalidArgumentError("stdout is closed, so the results would be lost; redirect it to a file (or to /dev/null to discard them)")
 
 
 def _silence_stdout() -> None:

@@ -20,14 +20,17 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 
 @dataclass
 class Completion:
-    """One sequence's result. `ids` excludes <|endoftext|>; with a stop string, `ids` holds the tokens
-    that lie entirely before it and `text` ends exactly before it."""
+    """One sequence's result. `ids` excludes <|endoftext|>; with a stop string, `text` ends exactly
+    before it and `ids` holds the tokens that begin before it (so they cover the text: the last may
+    run into the stop string). `generated` counts every token the model produced, those of the stop
+    string included (what a usage count reports)."""
 
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)
     text: str = ""
     stop_reason: str = "length"  # "length", "eos" or "stop"
     logprobs: list[dict] = field(default_factory=list)
+    generated: int = 0
 
 
 @dataclass
@@ -110,6 +113,10 @@ class _Output:
         piece, self.emitted = self.text[self.emitted : end], end
         if final and self.cut is None:
             n = len(self.tokens)
+        elif final:  # every token that begins before the stop string (its text, at least in part, is the output's)
+            n = self.released
+            while n < len(self.tokens) and (self.token_ends[n - 1] if n else 0) < self.cut:
+                n += 1
         else:
             n = self.released
             while n < len(self.tokens) and self.token_ends[n] <= self.emitted:
@@ -146,6 +153,7 @@ class Sequence:
             c.stop_reason = "eos"
             return [], "", False
         self.history.append(token)
+        c.generated += 1
         if self.logprobs:
             c.logprobs.append(logprob_entry(logits, token, self.logprobs, self.tokenizer))
         ids, piece = self.output.add(token)
@@ -246,7 +254,9 @@ def logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer |
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log(softmax(logits)) along the last axis, computed in float64."""
+    """log(softmax(logits)) along the last axis, computed in float64. Non-finite logits (a broken
+    checkpoint) give NaN quietly: the caller reports them as one error, not NumPy warnings."""
     z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

@@ -143,7 +143,7 @@ def _snapshot(repo_id: str, label: str, revision: str | None, allow_patterns: li
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise ModelNotFoundError(
             f"model {label}{at} is not in the Hugging Face cache and {why}; connect, "
-            "or pass a local folder"
+            "or pass a local folder (on the command line: --model FOLDER)"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(

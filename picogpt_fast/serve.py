@@ -253,6 +253,7 @@ class _Choice:
         self.job, self.index, self.tokenizer = job, index, tokenizer
         self.prompt = job.prompts[index // job.n]
         self.text, self.ids = "", []
+        self.generated = 0  # tokens the model produced, a stop string's included (the usage count)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -300,6 +301,7 @@ class _Choice:
 
     def finish(self, completion: Completion) -> None:
         self.finish_reason = FINISH_REASON[completion.stop_reason]
+        self.generated = completion.generated
 
     def final(self) -> dict:
         return {"text": self.text, "index": self.index, "logprobs": self.logprobs if self.job.logprobs is not None else None,
@@ -308,7 +310,7 @@ class _Choice:
 
 def _usage(job: Job, choices: list[_Choice]) -> dict:
     prompt = sum(len(p) for p in job.prompts)
-    completion = sum(len(c.ids) for c in choices)
+    completion = sum(c.generated for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -69,7 +69,8 @@ def test_offline_cache_miss_is_one_clear_line(tmp_path):
     )  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        "error: model gpt2-medium is not in the Hugging Face cache and HF_HUB_OFFLINE is set; connect, or pass a local folder"
+        "error: model gpt2-medium is not in the Hugging Face cache and HF_HUB_OFFLINE is set; connect, or pass a local folder "
+        "(on the command line: --model FOLDER)"
     )
     assert r.stdout == ""
 
