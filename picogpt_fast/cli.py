@@ -73,6 +73,7 @@ def _dataset_options(column_default: str):
         click.option("--actors", type=int, default=None, help="With --dataset: model replicas (default: the cluster's CPUs / --cpus-per-actor)."),
         click.option("--cpus-per-actor", type=float, default=1.0, show_default=True, help="With --dataset: CPUs (threads) per replica."),
         click.option("--batch-size", type=int, default=16, show_default=True, help="With --dataset: rows per call to a replica."),
+        click.option("--verbose", is_flag=True, help="With --dataset: show Ray's own logs and progress."),
     ]  # fmt: skip
 
     def decorate(f):
@@ -83,7 +84,7 @@ def _dataset_options(column_default: str):
     return decorate
 
 
-def _run_dataset(kind: str, dataset, out, quiet, ray_address, **kwargs) -> None:
+def _run_dataset(kind: str, dataset, out, quiet, ray_address, verbose, **kwargs) -> None:
     """Process --dataset into --out with Ray (the options were checked by the caller's dataset function)."""
     from . import ray as rd
 
@@ -91,6 +92,7 @@ def _run_dataset(kind: str, dataset, out, quiet, ray_address, **kwargs) -> None:
         raise InvalidArgumentError("--dataset needs --out (a .parquet, .jsonl or .csv file, or a folder)")
     # everything that can be checked is checked before Ray starts (which takes seconds)
     rd.check_paths(dataset, out)
+    rd.check_column(dataset, kwargs["column"])
     rd.check_pool(kwargs["actors"], kwargs["cpus_per_actor"], kwargs["batch_size"])
     config = rd.check_model(kwargs["model"], kwargs["dtype"], kwargs["revision"])
     if kind == "run":
@@ -98,10 +100,11 @@ def _run_dataset(kind: str, dataset, out, quiet, ray_address, **kwargs) -> None:
 
         validate.integer("--max-new-tokens", kwargs["max_new_tokens"], 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
     t0 = time.perf_counter()
-    rd.connect(ray_address)
-    ds = rd.read(dataset)
-    result = (rd.score_dataset if kind == "score" else rd.generate_dataset)(ds, **kwargs)
-    rows = rd.write(result, out)
+    with rd.quiet_stderr(verbose), rd.one_line_errors():
+        rd.connect(ray_address, verbose)
+        ds = rd.read(dataset, kwargs["column"])
+        result = (rd.score_dataset if kind == "score" else rd.generate_dataset)(ds, **kwargs)
+        rows = rd.write(result, out)
     _info(quiet, f"wrote {rows} rows to {out} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -187,7 +190,7 @@ def cli():
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, threads, echo, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ignore_eos, clip, stream, as_json, logprobs, prompt_file,
-        jsonl_file, dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, quiet):  # fmt: skip
+        jsonl_file, dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, verbose, quiet):  # fmt: skip
     """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>).
 
     With --dataset, generate for every row of a dataset with Ray Data and write the rows with
@@ -198,13 +201,13 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
     # built (and so checked) before anything is loaded
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     _no_dataset_options("run", dataset, out, **{"--column": (column, "prompt"), "--ray-address": (ray_address, None), "--actors": (actors, None),
-                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
+                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16), "--verbose": (verbose, False)})  # fmt: skip
     if dataset is not None:
         _refuse_with_dataset({"PROMPT": prompt is not None, "--file": prompt_file, "--jsonl": jsonl_file, "--stream": stream, "--echo": echo,
                   "--json": as_json, "--logprobs": logprobs, "--clip": clip, "--backend numpy": backend != "numba",
                   "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
         return _run_dataset(
-            "run", dataset, out, quiet, ray_address, model=_model_name(model, models_dir), column=column, max_new_tokens=max_new_tokens,
+            "run", dataset, out, quiet, ray_address, verbose, model=_model_name(model, models_dir), column=column, max_new_tokens=max_new_tokens,
             dtype=dtype, revision=revision, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=[_utf8(x, "--stop") for x in stop], stop_at_eos=not ignore_eos,
             actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
@@ -440,7 +443,7 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
 @_dataset_options("text")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def score(file, model, models_dir, revision, backend, dtype, threads, against, stride, as_json, dataset, out, column, ray_address,
-          actors, cpus_per_actor, batch_size, quiet):  # fmt: skip
+          actors, cpus_per_actor, batch_size, verbose, quiet):  # fmt: skip
     """Mean negative log-likelihood and perplexity of FILE's text under the model.
 
     With --dataset, score every row of a dataset with Ray Data and write the rows with `tokens`,
@@ -451,11 +454,11 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
 
     _need_stdout()
     _no_dataset_options("score", dataset, out, **{"--column": (column, "text"), "--ray-address": (ray_address, None), "--actors": (actors, None),
-                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16)})  # fmt: skip
+                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16), "--verbose": (verbose, False)})  # fmt: skip
     if dataset is not None:
         _refuse_with_dataset({"FILE": file, "--against": against, "--json": as_json, "--backend numpy": backend != "numba",
                   "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
-        return _run_dataset("score", dataset, out, quiet, ray_address, model=_model_name(model, models_dir), column=column, dtype=dtype,
+        return _run_dataset("score", dataset, out, quiet, ray_address, verbose, model=_model_name(model, models_dir), column=column, dtype=dtype,
                             revision=revision, stride=stride, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size)  # fmt: skip
     if file is None:
         raise InvalidArgumentError("score needs FILE (or --dataset IN --out OUT)")

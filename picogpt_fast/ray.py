@@ -22,8 +22,11 @@ driver, so a name or path must resolve there as on every node), the options, and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import sys
 from pathlib import Path
 
 from . import validate
@@ -32,6 +35,9 @@ from .model import mean_nll
 from .sampling import SamplingParams
 
 SCORE_COLUMNS = ("tokens", "nll", "perplexity", "error")
+# A row's problem found while reading it (a JSON line that does not parse, text that is not valid
+# Unicode), carried to the actors in this column and reported in `error`.
+READ_ERROR = "__picogpt_fast_read_error"
 GENERATE_COLUMNS = ("text", "ids", "stop_reason", "error")
 READERS = {".parquet": "read_parquet", ".jsonl": "read_json", ".json": "read_json", ".ndjson": "read_json", ".csv": "read_csv"}
 
@@ -58,9 +64,16 @@ class _Actor:
         self.model = GPT2.from_pretrained(model, dtype=dtype, revision=revision, threads=threads)
         self.model.generate([self.model.eos_id or 0], 2)  # first calls made before the first batch is timed
 
+    def _rows(self, table) -> tuple[list, list]:
+        """(the texts of `column`, each row's reading problem or None), and the table without the hidden column."""
+        texts = table.column(self.column).to_pylist()
+        if READ_ERROR in table.column_names:
+            return texts, table.column(READ_ERROR).to_pylist()
+        return texts, [None] * len(texts)
+
     @staticmethod
-    def _texts(column) -> list:
-        return column.to_pylist()
+    def _visible(table):
+        return table.drop_columns([READ_ERROR]) if READ_ERROR in table.column_names else table
 
 
 class _Scorer(_Actor):
@@ -70,11 +83,11 @@ class _Scorer(_Actor):
 
     def __call__(self, table):
         out = {name: [] for name in SCORE_COLUMNS}
-        for text in self._texts(table.column(self.column)):
-            row = score_text(self.model, text, self.stride)
+        for text, problem in zip(*self._rows(table)):
+            row = score_text(self.model, text, self.stride) if problem is None else {**dict.fromkeys(SCORE_COLUMNS), "error": problem}
             for name in SCORE_COLUMNS:
                 out[name].append(row[name])
-        return _with_columns(table, out, {"tokens": "int64", "nll": "float64", "perplexity": "float64", "error": "string"})
+        return _with_columns(self._visible(table), out, {"tokens": "int64", "nll": "float64", "perplexity": "float64", "error": "string"})
 
 
 class _Generator(_Actor):
@@ -83,15 +96,21 @@ class _Generator(_Actor):
         self.column, self.max_new_tokens, self.options = column, max_new_tokens, options
 
     def __call__(self, table):
-        texts = self._texts(table.column(self.column))
-        rows = [{"text": None, "ids": None, "stop_reason": None, "error": None} for _ in texts]
+        texts, problems = self._rows(table)
+        rows = [{"text": None, "ids": None, "stop_reason": None, "error": problem} for problem in problems]
         good, prompts = [], []
         n_ctx, tok = self.model.config.n_ctx, self.model.tokenizer
         for i, text in enumerate(texts):
+            if rows[i]["error"] is not None:
+                continue
             if not isinstance(text, str):
                 rows[i]["error"] = _not_text(text)
                 continue
-            ids = tok.encode(text) or [self.model.eos_id]
+            try:
+                ids = tok.encode(text) or [self.model.eos_id]
+            except PicoGPTError as e:  # a lone surrogate: invalid text
+                rows[i]["error"] = str(e)
+                continue
             if len(ids) + self.max_new_tokens > n_ctx:
                 rows[i]["error"] = f"the prompt's {len(ids)} tokens + max_new_tokens {self.max_new_tokens} exceed the context of {n_ctx}"
                 continue
@@ -102,14 +121,17 @@ class _Generator(_Actor):
             for i, c in zip(good, completions):
                 rows[i].update(text=c.text, ids=c.ids, stop_reason=c.stop_reason)
         out = {name: [r[name] for r in rows] for name in GENERATE_COLUMNS}
-        return _with_columns(table, out, {"text": "string", "ids": "list<int64>", "stop_reason": "string", "error": "string"})
+        return _with_columns(self._visible(table), out, {"text": "string", "ids": "list<int64>", "stop_reason": "string", "error": "string"})
 
 
 def score_text(model, text, stride: int | None = None) -> dict:
     """One row's score: {"tokens", "nll", "perplexity", "error"}, as `picogpt-fast score` computes it."""
     if not isinstance(text, str):
         return {"tokens": None, "nll": None, "perplexity": None, "error": _not_text(text)}
-    ids = model.tokenizer.encode(text)
+    try:
+        ids = model.tokenizer.encode(text)
+    except PicoGPTError as e:  # a lone surrogate: invalid text
+        return {"tokens": None, "nll": None, "perplexity": None, "error": str(e)}
     if len(ids) < 2:
         return {"tokens": len(ids), "nll": None, "perplexity": None, "error": f"{len(ids)} token; scoring needs at least 2"}
     try:
@@ -213,7 +235,8 @@ def check_pool(actors, cpus_per_actor, batch_size) -> None:
 
 # --------------------------------------------------------------------------- files
 def check_paths(dataset: str, out: str) -> None:
-    """What can be checked about --dataset and --out before Ray starts."""
+    """What can be checked about --dataset and --out before Ray starts; an output that is (or is
+    inside) the input is refused, so that no job overwrites the rows it reads."""
     _input_format(dataset)
     if "://" not in out:
         target = Path(out)
@@ -226,6 +249,58 @@ def check_paths(dataset: str, out: str) -> None:
             raise InvalidArgumentError(f"{parent} does not exist; create it or choose another --out")
         if not os.access(parent, os.W_OK):
             raise InvalidArgumentError(f"{parent} is not writable; choose another --out")
+        if "://" not in dataset:
+            source, written = Path(dataset).resolve(), target.resolve()
+            if written == source or source in written.parents:
+                raise InvalidArgumentError(f"--out {out} is the input --dataset {dataset} (or inside it); write the results elsewhere")
+
+
+def check_column(dataset: str, column: str) -> None:
+    """Before Ray starts: a local input must have `column` (Parquet: its schema; CSV: its header;
+    JSON lines: a field of the first rows). Inputs Ray reads from elsewhere are checked by Ray."""
+    if "://" in dataset:
+        return
+    suffix = _input_format(dataset)
+    path = Path(dataset)
+    first = path if path.is_file() else min(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == suffix and not p.name.startswith((".", "_")))
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(first).names
+        elif suffix == ".csv":
+            import csv
+
+            with open(first, newline="", encoding="utf-8", errors="replace") as f:
+                names = next(csv.reader(f), [])
+        else:
+            names = _json_fields(first)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot read {first} ({str(e).splitlines()[0][:150]}); check the file") from None
+    if names is not None and column not in names:
+        shown = ", ".join(sorted(names)[:20]) or "none"
+        raise InvalidArgumentError(f"{first} has no column {column!r} (its columns: {shown}); pass the right --column")
+
+
+def _json_fields(path: Path, lines: int = 1000) -> list[str] | None:
+    """The fields of the first JSON-object lines of a file (None for a .json file that is one JSON
+    document, whose rows Ray finds)."""
+    import json
+
+    fields: set = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for _, line in zip(range(lines), f):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except (ValueError, RecursionError):
+                if path.suffix.lower() == ".json" and not fields:
+                    return None
+                continue
+            if isinstance(item, dict):
+                fields.update(item)
+    return sorted(fields)
 
 
 def _input_format(path: str) -> str:
@@ -245,9 +320,13 @@ def _input_format(path: str) -> str:
     return suffix
 
 
-def read(path: str):
+def read(path: str, column: str = "text"):
     """A dataset from a file or folder Ray Data reads: .parquet, .jsonl/.json, .csv (local or a URI
-    such as s3://, with its filesystem package installed); a folder by the suffix of its files."""
+    such as s3://, with its filesystem package installed); a folder by the suffix of its files.
+
+    JSON lines (.jsonl, .ndjson) are read as lines and parsed here, one row at a time: a line that is
+    not a JSON object, and a `column` that is not valid text, become that row's error (Arrow's JSON
+    reader fails the whole file on a field whose type changes from row to row)."""
     ray = _ray()
     suffix = _input_format(path)
     # Reading reserves no CPU: with the model's actors holding every CPU (the default), reads that
@@ -258,20 +337,84 @@ def read(path: str):
     try:
         if v2:
             ctx.use_datasource_v2 = False
+        if suffix in (".jsonl", ".ndjson"):
+            lines = ray.data.read_text(path, num_cpus=0, drop_empty_lines=True)
+            return lines.map_batches(_parse_json_lines, fn_kwargs={"column": column}, batch_format="pyarrow", num_cpus=0)
         return getattr(ray.data, READERS[suffix])(path, num_cpus=0)
     finally:
         if v2:
             ctx.use_datasource_v2 = v2
 
 
+def _parse_json_lines(table, column: str):
+    """Lines of JSON (the `text` column of ray.data.read_text) as rows of their fields, with
+    READ_ERROR for a line that is no JSON object or whose `column` is not valid text (that value is
+    then null). A field whose values are of several types in one batch is kept as JSON text."""
+    import json
+
+    import pyarrow as pa
+
+    rows, errors = [], []
+    for n, line in enumerate(table.column("text").to_pylist()):
+        error = None
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            item, error = {}, f"the line is not valid JSON ({str(e)[:100]})"
+        if not isinstance(item, dict):
+            item, error = {}, error or f"the line is a JSON {type(item).__name__}, not an object"
+        value = item.get(column)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                item, error = {**item, column: None}, f"the text holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not valid Unicode"
+        elif column in item:  # a number, a list, ...: not text; null is reported by the actor
+            item, error = {**item, column: None}, error or (None if value is None else _not_text(value))
+        rows.append(item)
+        errors.append(error)
+    names = list(dict.fromkeys([column, *(k for row in rows for k in row)]))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values, pa.string() if name == column else None)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):  # mixed types: keep each as its JSON text
+            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values], pa.string())
+    columns[READ_ERROR] = pa.array(errors, pa.string())
+    return pa.table(columns)
+
+
 def write(ds, path: str) -> int:
     """Write `ds` to one .parquet, .jsonl/.json or .csv file (rows streamed to the driver and
     written as they come), or, for any other name, a folder of Parquet files written by the
-    workers. Returns the number of rows written."""
+    workers. Returns the number of rows written.
+
+    A local output is written under a temporary name beside it and renamed only once complete: a job
+    that fails leaves an existing file as it was, and no partial one."""
+    if "://" in path:
+        return _write(ds, path, _suffix(path))
+    target = Path(path).resolve()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        rows = _write(ds, str(tmp), _suffix(path))
+        if target.is_dir():  # an empty folder (check_paths refuses others): replaced by the complete one
+            target.rmdir()
+        os.replace(tmp, target)
+        return rows
+    finally:
+        if tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _write(ds, path: str, suffix: str | None) -> int:
     import pyarrow as pa
     import pyarrow.fs
 
-    suffix = _suffix(path)
     if suffix is None:
         ds = ds.materialize()
         ds.write_parquet(path)
@@ -330,12 +473,73 @@ def _suffix(path: str) -> str | None:
     return None
 
 
-def connect(address: str | None) -> None:
-    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", ...)."""
-    ray = _ray()
-    if ray.is_initialized():
+@contextlib.contextmanager
+def quiet_stderr(verbose: bool):
+    """Ray's processes and its C++ core (in this process too) write their logs, and Ray's driver the
+    errors its workers report, to the standard output and error they inherit. Unless `verbose`, both
+    are a file for the length of the job (a dataset job's results go to --out, never to stdout), and
+    the terminal shows this job's lines only."""
+    if verbose:
+        yield
         return
+    import tempfile
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    log = tempfile.NamedTemporaryFile(prefix="picogpt-fast-ray-", suffix=".log", delete=False)
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    text = open(log.fileno(), "w", closefd=False, errors="replace")  # Python's own writes (Ray prints its workers' errors)
     try:
-        ray.init(address=address)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise InvalidArgumentError(f"cannot connect to Ray at {address!r} ({str(e).splitlines()[0][:150]}); start it with `ray start --head` or check --ray-address") from None
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            yield
+    finally:
+        text.close()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        log.close()
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A job that fails in Ray (an actor that cannot load the model, a task that raises) is one
+    PicoGPTError naming the first cause, not Ray's chain of tracebacks."""
+    try:
+        yield
+    except (PicoGPTError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps what failed in a worker
+        cause, seen = e, set()
+        while cause is not None and id(cause) not in seen and not isinstance(cause, PicoGPTError):
+            seen.add(id(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+        if isinstance(cause, PicoGPTError):
+            raise PicoGPTError(f"the dataset job failed: {cause}") from None
+        ours = re.search(r"picogpt_fast\.errors\.\w+: (.+)", str(e))  # raised in a worker, sent back as text
+        if ours:
+            raise PicoGPTError(f"the dataset job failed: {ours.group(1).strip()}") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise PicoGPTError(f"the dataset job failed: {type(e).__name__}: {first[:200]} (run again with --verbose for Ray's logs)") from None
+
+
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", ...).
+    Unless `verbose`, Ray keeps its logs to its own files: only this job's lines reach the terminal."""
+    import logging
+
+    ray = _ray()
+    level = logging.INFO if verbose else logging.CRITICAL  # a failed job is one error line of ours
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise InvalidArgumentError(f"cannot connect to Ray at {address!r} ({str(e).splitlines()[0][:150]}); start it with `ray start --head` or check --ray-address") from None
+        for name in ("ray", "ray.data"):  # ray.init configures its loggers anew
+            logging.getLogger(name).setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose

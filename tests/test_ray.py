@@ -247,3 +247,66 @@ def test_bad_dataset_options_fail_in_one_line(folder, tmp_path, cli, args, words
     code, out, err = cli(*[a.format(tmp=tmp_path) for a in args], "--model", folder)
     assert code != 0 and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "o.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- nothing lost, nothing silently wrong
+def test_every_bad_value_a_jsonl_row_can_hold_is_that_row_s_error(local_ray, folder, model, tmp_path, cli):
+    """A number, a list, null, a lone surrogate, a line that is no JSON object, invalid JSON: each is
+    its row's error, the other rows are scored, and the job succeeds."""
+    lines = ['{"k": 0, "text": "Hello world"}', '{"k": 1, "text": 5}', '{"k": 2, "text": ["a"]}', '{"k": 3, "text": null}',
+             '{"k": 4, "text": "bad \\ud800 surrogate"}', '[1, 2]', 'not json', '{"k": 7, "text": "Once upon a time"}']  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = cli("score", "--model", folder, "--dataset", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--batch-size", "3")
+    assert code == 0, err
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(out) == len(lines)
+    errors = sorted(r["error"] for r in out if r["error"])
+    assert errors == sorted([
+        "the row is not text (int)", "the row is not text (list)", "the row holds no text (null)",
+        "the text holds a lone surrogate (U+D800), which is not valid Unicode", "the line is a JSON list, not an object",
+        "the line is not valid JSON (Expecting value: line 1 column 1 (char 0))",
+    ])  # fmt: skip
+    good = {r["k"]: r for r in out if not r["error"]}
+    assert good[0]["nll"] == nll(model, "Hello world") and good[7]["nll"] == nll(model, "Once upon a time")
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(folder, tmp_path, cli):
+    data = tmp_path / "in" / "part-0.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"text": "a b c"}\n')
+    for source, out in ((data, data), (data.parent, data.parent / "scored.jsonl")):  # the file itself, a file in the input folder
+        code, _, err = cli("score", "--model", folder, "--dataset", source, "--out", out)
+        assert code != 0 and "is the input" in err and err.count("\n") == 1, err
+    assert data.read_text() == '{"text": "a b c"}\n' and not (data.parent / "scored.jsonl").exists()
+    code, _, err = cli("score", "--model", folder, "--dataset", data, "--out", tmp_path / "x.jsonl", "--column", "body")
+    assert code != 0 and "has no column 'body'" in err and err.count("\n") == 1, err  # found before Ray starts
+
+
+def test_a_failed_job_leaves_an_existing_output_as_it_was(local_ray, folder, tmp_path, cli):
+    """The actors find the checkpoint corrupt (the driver reads only its config and tokenizer): one
+    error line, and the output file the job would have replaced keeps its old content."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "in.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "out.jsonl").write_text("the user's earlier results\n")
+    code, out, err = cli("score", "--model", broken, "--dataset", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "the dataset job failed" in err and "truncated" in err, err
+    assert (tmp_path / "out.jsonl").read_text() == "the user's earlier results\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.jsonl")]  # no temporary file left
+
+
+def test_ray_keeps_its_logs_to_itself(folder, tmp_path):
+    """A job in its own process, its own Ray: the terminal shows the job's one line, not Ray's logs."""
+    import subprocess
+
+    from .conftest import PYTHON, subprocess_env
+
+    (tmp_path / "in.jsonl").write_text('{"text": "a b c"}\n{"text": "Hello world"}\n')
+    cmd = [PYTHON, "-m", "picogpt_fast", "score", "--model", str(folder), "--dataset", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == "" and r.stderr.count("\n") == 1 and r.stderr.startswith("wrote 2 rows"), r.stderr[-3000:]
