@@ -473,15 +473,11 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     gpt = _load(resolved, backend, dtype, threads, quiet)
     t0 = time.perf_counter()
     nll, n_scored = mean_nll(gpt.score(ids, stride=stride))
-    if not math.isfinite(nll):
-        raise InvalidArgumentError("the model produced NaN or infinite log-probabilities; the checkpoint is probably corrupt (re-download it)")
     _info(quiet, f"scored {n_scored} of {_count(len(ids), 'token')} in {time.perf_counter() - t0:.2f} s")
     result = {"tokens": len(ids), "nll": nll, "perplexity": math.exp(nll)}
     if against is not None:
         baseline = _load(resolved, backend, against, threads, quiet)
         compared = gpt.divergence(baseline, ids, stride=stride)
-        if not math.isfinite(compared["kl_divergence"]):
-            raise InvalidArgumentError(f"the KL divergence from {against} is not finite; one of the two models produced NaN or infinite logits")
         result.update(dtype=gpt.dtype, against=baseline.dtype, kl_divergence=compared["kl_divergence"], top1_agreement=compared["top1_agreement"])
     if as_json:
         click.echo(json.dumps(result, allow_nan=False))

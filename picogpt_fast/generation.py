@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import validate
 from .errors import InvalidArgumentError
 from .sampling import Sampler, SamplingParams
 from .session import Session
@@ -147,7 +148,7 @@ class Sequence:
     def accept(self, logits: np.ndarray) -> tuple[list[int], str, bool]:
         """Choose the next token; return (released ids, released text, whether generation goes on)."""
         c = self.completion
-        _check_finite(logits)
+        validate.finite_logits(logits)
         token = self.sampler(logits, self.history if self.params.repetition_penalty != 1 else ())
         if self.stop_at_eos and token == self.eos_id:
             c.stop_reason = "eos"
@@ -229,13 +230,6 @@ def run(
         ids, piece = seq.finish()
         if ids or piece:
             yield i, ids, piece
-
-
-def _check_finite(logits: np.ndarray) -> None:
-    if not np.isfinite(logits).all():
-        raise InvalidArgumentError(
-            "the model produced NaN or infinite logits; the checkpoint is probably corrupt (re-download it)"
-        )
 
 
 def logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:

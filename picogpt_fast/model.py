@@ -264,7 +264,7 @@ class GPT2:
         out = np.full(max(len(ids) - 1, 0), np.nan)
         for window, logits, first, end in self._windows(ids, stride):
             targets = np.asarray(ids[first:end], dtype=np.int64)
-            out[first - 1 : end - 1] = token_logprobs(logits, targets)
+            out[first - 1 : end - 1] = token_logprobs(validate.finite_logits(logits), targets)
         return out
 
     def divergence(self, baseline: "GPT2", ids: Sequence[int] | str, stride: int | None = None) -> dict:
@@ -277,7 +277,7 @@ class GPT2:
         ids = self._ids(ids)
         kl, same, n = 0.0, 0, 0
         for (_, theirs, _, _), (_, logits, _, _) in zip(baseline._windows(ids, stride), self._windows(ids, stride)):
-            p, q = log_softmax(theirs), log_softmax(logits)
+            p, q = log_softmax(validate.finite_logits(theirs)), log_softmax(validate.finite_logits(logits))
             kl += float(np.sum(np.exp(p) * (p - q)))
             same += int(np.count_nonzero(p.argmax(-1) == q.argmax(-1)))
             n += len(p)
@@ -305,9 +305,9 @@ class GPT2:
 
 def mean_nll(logprobs: np.ndarray) -> tuple[float, int]:
     """(mean negative log-likelihood, tokens scored) of `score`'s result, whose unscored positions
-    are NaN. The mean is not finite when the model produced NaN or infinite log-probabilities."""
+    are NaN (a model that produced NaN logits raised in `score`)."""
     scored = logprobs[~np.isnan(logprobs)]
-    return float(-scored.mean()), len(scored)
+    return (float(-scored.mean()) if len(scored) else float("nan")), len(scored)
 
 
 def token_logprobs(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:

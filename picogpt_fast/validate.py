@@ -129,6 +129,13 @@ def context(prompt_len: int, max_new_tokens: Any, n_ctx: int, clip: bool) -> int
     )
 
 
+def finite_logits(values: np.ndarray) -> np.ndarray:
+    """Logits a model produced (any shape): NaN or infinity there means a broken checkpoint."""
+    if not np.isfinite(values).all():
+        raise InvalidArgumentError("the model produced NaN or infinite logits; the checkpoint is probably corrupt (re-download it)")
+    return values
+
+
 def choice(name: str, value: Any, options: Sequence[str]) -> str:
     if isinstance(value, str) and value in options:
         return value
