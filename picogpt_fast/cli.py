@@ -586,9 +586,26 @@ def serve(model, models_dir, revision, dtype, threads, host, port, max_batch, ma
     validate.integer("--max-queue", max_queue, 1)
     if not 0 <= shutdown_grace < float("inf"):
         raise InvalidArgumentError(f"--shutdown-grace={shutdown_grace} is invalid: must be a number of seconds >= 0")
-    gpt = _load(_resolve(model, models_dir, revision), "numba", dtype, threads, False)
-    _info(False, f"serving {served_model_name or model} on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})")
-    run_server(gpt, served_model_name or model, host, port, max_batch, max_queue, shutdown_grace, log_level)
+    resolved = _resolve(model, models_dir, revision)
+    gpt = _load(resolved, "numba", dtype, threads, False)
+    names = served_names(served_model_name or model)
+
+    def listening():
+        _info(False, f"serving {names[0]} on http://{host}:{port}/ (the API under /v1; batch {max_batch}, queue {max_queue})")
+
+    run_server(gpt, names, host, port, max_batch, max_queue, shutdown_grace, log_level, on_listening=listening)
+
+
+def served_names(given: str) -> list[str]:
+    """The model names the server answers to: the one given (reported first), and its short forms:
+    a folder's name, a Hub id's name without its organisation, a picoGPT size's Hub name."""
+    from .hub import ALIASES
+
+    names = [given]
+    for name in (Path(given.rstrip("/")).name, given.rsplit("/", 1)[-1], ALIASES.get(given, "").rsplit("/", 1)[-1]):
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------- entry point

@@ -140,6 +140,7 @@ class Sequence:
         self.output = _Output(tokenizer, stop)
         self.sampler = Sampler(params)
         self.history = list(prompt)
+        self.entries_sent = 0  # released tokens whose log-probability entries were handed out
 
     @property
     def last(self) -> int:
@@ -162,6 +163,15 @@ class Sequence:
             c.stop_reason = "stop"
             return ids, piece, False
         return ids, piece, len(self.output.tokens) < self.budget
+
+    def entries(self, n: int) -> list[dict]:
+        """The log-probability entries of the next `n` released tokens (with logprobs requested),
+        each with `offset`: where its token's text begins in the generated text."""
+        out, ends, length = [], self.output.token_ends, len(self.output.text)
+        for k in range(self.entries_sent, min(self.entries_sent + n, len(self.completion.logprobs))):
+            out.append({**self.completion.logprobs[k], "offset": min(ends[k - 1], length) if k else 0})
+        self.entries_sent += n
+        return out
 
     def finish(self) -> tuple[list[int], str]:
         """Release what was held back; fill the completion's ids and text."""
@@ -230,6 +240,18 @@ def run(
         ids, piece = seq.finish()
         if ids or piece:
             yield i, ids, piece
+
+
+def prompt_entries(logits: np.ndarray, prompt: list[int], start: int, k: int, tokenizer: Tokenizer | None) -> list:
+    """Log-probability entries of prompt tokens from rows of logits: row i (the token at position
+    start + i) predicts the token at start + i + 1, an entry when that is still the prompt's. The
+    prompt's first token, which nothing predicts, is None (given when start is 0). Called chunk by
+    chunk as a prompt is prefilled, so that its logits never accumulate."""
+    entries = [None] if start == 0 else []
+    for i in range(len(logits)):
+        if start + i + 1 < len(prompt):
+            entries.append(logprob_entry(logits[i], prompt[start + i + 1], k, tokenizer))
+    return entries
 
 
 def logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:

@@ -12,6 +12,10 @@ A request's tokens come from the same `generation.Sequence` that `GPT2.generate`
 prefilled in the chunks one `prefill` call makes, and a decode step gives each row bitwise the
 logits it gets alone: so a greedy or seeded request gets exactly what `picogpt-fast run` gives it,
 whatever else is running. Events go to each request's `sink` (called on this thread).
+
+What one request costs is bounded: its prompt's log-probabilities (echo with logprobs) are computed
+chunk by chunk and sent on, never kept as logits; the KV cache and buffers are the session's,
+allocated for `max_batch` sequences of the model's context once.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import PicoGPTError
-from .generation import Sequence, logprob_entry
+from .generation import Sequence, prompt_entries
 from .sampling import SamplingParams
 
 
@@ -40,8 +44,9 @@ class ShuttingDown(PicoGPTError):
 
 @dataclass
 class Request:
-    """One sequence to generate. `sink(kind, payload)` receives ("tokens", (ids, text, logprob
-    entries)), then ("done", Completion) or ("error", message)."""
+    """One sequence to generate. `sink(kind, payload)` receives ("prompt_logprobs", (tokens,
+    entries)) chunk by chunk when asked for, ("tokens", (ids, text, logprob entries)), then ("done",
+    Completion) or ("error", message)."""
 
     prompt: list[int]
     budget: int
@@ -51,17 +56,17 @@ class Request:
     stop_at_eos: bool = True
     logprobs: int = 0
     prompt_logprobs: bool = False  # also the log-probability of each prompt token (echo with logprobs)
-    cancelled: bool = False  # set by the caller; the slot is freed at the next step
+    counted: bool = True  # in the metrics (a warm-up request is not)
+    cancelled: bool = False  # set by cancel(); the slot is freed at the next step
     submitted: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
 class _Slot:
-    def __init__(self, request: Request, seq: Sequence):
-        self.request, self.seq = request, seq
-        self.filled = 0  # prompt tokens prefilled
-        self.released = 0  # generated tokens sent to the sink
-        self.chose = False  # whether the first token was chosen (time to first token)
-        self.prompt_rows: list[np.ndarray] = []  # logits rows of the prompt, when its logprobs are wanted
+    request: Request
+    seq: Sequence
+    filled: int = 0  # prompt tokens prefilled
+    chose: bool = False  # whether the first token was chosen (time to first token)
 
 
 class Scheduler:
@@ -81,8 +86,7 @@ class Scheduler:
 
     def start(self) -> "Scheduler":
         """Run the loop on a new thread."""
-        self.thread = threading.Thread(target=self.run, name="picogpt-fast scheduler", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.run, name="picogpt-fast scheduler", daemon=True).start()
         return self
 
     def run(self) -> None:
@@ -91,7 +95,8 @@ class Scheduler:
         ~1.5x slower on 2 cores (its worker threads sleep between kernels instead of spinning)."""
         self.thread = threading.current_thread()
         try:
-            self._loop()
+            while self.running or any(self.slots):
+                self._step()
         finally:
             self.finished.set()
 
@@ -104,6 +109,17 @@ class Scheduler:
                 raise QueueFull(f"{len(self.queue)} requests are waiting (at most {self.max_queue}); retry later")
             self.queue.extend(requests)
             self._gauges()
+            self.wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request (its client went away): a queued one gives its place back at once, a
+        running one frees its slot at the next step."""
+        with self.wake:
+            request.cancelled = True
+            if request in self.queue:
+                self.queue.remove(request)
+                self._gauges()
+                _tell(request, "error", "cancelled")
             self.wake.notify()
 
     def drain(self) -> None:
@@ -122,9 +138,8 @@ class Scheduler:
         with self.wake:
             while self.queue:
                 _tell(self.queue.popleft(), "error", "cancelled: the server is shutting down")
-            for slot in self.slots:
-                if slot is not None:
-                    slot.request.cancelled = True
+            for slot in filter(None, self.slots):
+                slot.request.cancelled = True
             self.running = False
             self.wake.notify()
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -135,46 +150,35 @@ class Scheduler:
         return sum(s is not None for s in self.slots)
 
     # ------------------------------------------------------------------ the loop
-    def cancel(self, request: Request) -> None:
-        """Drop a request (its client went away): its slot is freed at the next step."""
-        with self.wake:
-            request.cancelled = True
-            self.wake.notify()
-
-    def _loop(self) -> None:
-        while self.running or any(self.slots):
-            try:
-                self._retire_cancelled()
-                self._admit()
-                worked = self._prefill_chunk()
-                worked = self._decode_step() or worked
-            except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
-                traceback.print_exc()
-                for i, slot in enumerate(self.slots):
-                    if slot is not None:
-                        self._fail(i, f"internal error: {type(e).__name__}: {e}")
-                self.session.reset()
-                continue
-            if not worked:
-                with self.wake:
-                    if self.running and not self.queue and not any(s is not None and s.request.cancelled for s in self.slots):
-                        self.wake.wait(timeout=0.5)
+    def _step(self) -> None:
+        try:
+            for i, slot in enumerate(self.slots):
+                if slot is not None and slot.request.cancelled:
+                    self._end(i, "error", "cancelled: the server is shutting down" if self.stopping else "cancelled")
+            self._admit()
+            worked = self._prefill_chunk()
+            worked = self._decode_step() or worked
+        except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
+            traceback.print_exc()
+            for i, slot in enumerate(self.slots):
+                if slot is not None:
+                    self._end(i, "error", f"internal error: {type(e).__name__}: {e}")
+            self.session.reset()
+            return
+        if not worked:
+            with self.wake:
+                if self.running and not self.queue and not any(s is not None and s.request.cancelled for s in self.slots):
+                    self.wake.wait(timeout=0.5)
 
     def _admit(self) -> None:
         with self.wake:
             for i, slot in enumerate(self.slots):
                 if slot is None and self.queue and self.running:
-                    r = self.queue.popleft()
-                    seq = Sequence(r.prompt, r.budget, r.params, self.model.tokenizer, stop=r.stop,
-                                   stop_at_eos=r.stop_at_eos, eos_id=self.model.eos_id, logprobs=r.logprobs)  # fmt: skip
+                    r, m = self.queue.popleft(), self.model
+                    seq = Sequence(r.prompt, r.budget, r.params, m.tokenizer, stop=r.stop, stop_at_eos=r.stop_at_eos, eos_id=m.eos_id, logprobs=r.logprobs)
                     self.slots[i] = _Slot(r, seq)
                     self.session.reset(i)
             self._gauges()
-
-    def _retire_cancelled(self) -> None:
-        for i, slot in enumerate(self.slots):
-            if slot is not None and slot.request.cancelled:
-                self._end(i, "cancelled")
 
     def _prefill_chunk(self) -> bool:
         """Prefill one chunk of the next prompt still being read; True if there was one."""
@@ -183,30 +187,24 @@ class Scheduler:
             slot = self.slots[i]
             if slot is None or slot.filled == len(slot.request.prompt):
                 continue
-            self.turn = i + 1
-            r = slot.request
+            self.turn, r = i + 1, slot.request
             if r.budget == 0 and not r.prompt_logprobs:  # nothing to generate: nothing to compute
-                slot.filled = len(r.prompt)
                 self._end(i, "done")
                 return True
-            begin, end = self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0]
-            begin, end = slot.filled + begin, slot.filled + end
+            begin, end = (slot.filled + b for b in self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0])
             try:
                 logits = self.session.prefill(r.prompt[begin:end], seq=i, all_logits=r.prompt_logprobs)
             except PicoGPTError as e:
-                self._fail(i, str(e))
+                self._end(i, "error", str(e))
                 return True
             slot.filled = end
-            if r.prompt_logprobs:
-                slot.prompt_rows.append(logits.copy())
+            if r.prompt_logprobs:  # this chunk's tokens, each with the entry of the row before it
+                first = begin + (1 if begin else 0)
+                entries = prompt_entries(logits, r.prompt, begin, max(r.logprobs, 1), self.model.tokenizer)
+                _tell(r, "prompt_logprobs", (r.prompt[first : min(end, len(r.prompt) - 1) + 1], entries))
                 logits = logits[-1]
             if end == len(r.prompt):
-                if r.prompt_logprobs:
-                    self._send_prompt_logprobs(slot)
-                if r.budget == 0:
-                    self._end(i, "done")
-                else:
-                    self._accept(i, logits)
+                self._end(i, "done") if r.budget == 0 else self._accept(i, logits)
             return True
         return False
 
@@ -218,7 +216,7 @@ class Scheduler:
             logits = self.session.decode([self.slots[i].seq.last for i in rows], rows)
         except PicoGPTError as e:
             for i in rows:
-                self._fail(i, str(e))
+                self._end(i, "error", str(e))
             return True
         for row, i in enumerate(rows):
             self._accept(i, logits[row])
@@ -229,9 +227,9 @@ class Scheduler:
         try:
             ids, text, more = slot.seq.accept(logits)
         except PicoGPTError as e:
-            self._fail(i, str(e))
+            self._end(i, "error", str(e))
             return
-        if not slot.chose and self.metrics is not None:
+        if not slot.chose and self.metrics is not None and slot.request.counted:
             self.metrics.first_token(time.perf_counter() - slot.request.submitted)
         slot.chose = True
         self._send(slot, ids, text)
@@ -239,46 +237,20 @@ class Scheduler:
             self._end(i, "done")
 
     def _send(self, slot: _Slot, ids: list[int], text: str) -> None:
-        """Pass released tokens on, each log-probability entry with the offset of its token's text."""
-        if not (ids or text):
-            return
-        entries = []
-        if slot.request.logprobs:
-            ends = slot.seq.output.token_ends
-            for k in range(slot.released, slot.released + len(ids)):
-                entry = dict(slot.seq.completion.logprobs[k])
-                entry["offset"] = min(ends[k - 1], len(slot.seq.output.text)) if k else 0
-                entries.append(entry)
-        slot.released += len(ids)
-        if self.metrics is not None and ids:
-            self.metrics.generated(len(ids))
-        _tell(slot.request, "tokens", (ids, text, entries))
+        """Pass released tokens on, with their log-probability entries."""
+        if ids or text:
+            if self.metrics is not None and ids and slot.request.counted:
+                self.metrics.generated(len(ids))
+            _tell(slot.request, "tokens", (ids, text, slot.seq.entries(len(ids)) if slot.request.logprobs else []))
 
-    def _send_prompt_logprobs(self, slot: _Slot) -> None:
-        """Each prompt token's log-probability given the ones before it, with the top alternatives
-        (None for the first token, which nothing predicts)."""
-        rows = np.concatenate(slot.prompt_rows)
-        prompt, k = slot.request.prompt, slot.request.logprobs
-        tokenizer = self.model.tokenizer
-        entries = [None] + [logprob_entry(rows[t - 1], prompt[t], k, tokenizer) for t in range(1, len(prompt))]
-        _tell(slot.request, "prompt_logprobs", entries)
-        slot.prompt_rows = []
-
-    def _end(self, i: int, how: str) -> None:
+    def _end(self, i: int, how: str, message: str = "") -> None:
+        """Free slot i: the request is done (what was held back is released), or failed with `message`."""
         slot = self.slots[i]
         if how == "done":
-            ids, text = slot.seq.finish()
-            self._send(slot, ids, text)
+            self._send(slot, *slot.seq.finish())
             _tell(slot.request, "done", slot.seq.completion)
-        elif how == "cancelled":
-            _tell(slot.request, "error", "cancelled: the server is shutting down" if self.stopping else "cancelled")
-        self.slots[i] = None
-        self.session.reset(i)
-        with self.wake:
-            self._gauges()
-
-    def _fail(self, i: int, message: str) -> None:
-        _tell(self.slots[i].request, "error", message)
+        else:
+            _tell(slot.request, "error", message)
         self.slots[i] = None
         self.session.reset(i)
         with self.wake:

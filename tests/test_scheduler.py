@@ -138,8 +138,8 @@ def test_budget_zero_echo_logprobs_and_a_failing_sink(model):
         scored = Request(ids, 3, SamplingParams(), rec := Recorder(), logprobs=2, prompt_logprobs=True)
         scheduler.submit([scored])
         assert rec.over.wait(5)
-        prompt_lp = next(p for k, p in rec.events if k == "prompt_logprobs")
-        assert prompt_lp[0] is None and len(prompt_lp) == len(ids)
+        tokens, prompt_lp = next(p for k, p in rec.events if k == "prompt_logprobs")  # one chunk: the prompt is short
+        assert tokens == ids and prompt_lp[0] is None and len(prompt_lp) == len(ids)
         assert [e["logprob"] for e in prompt_lp[1:]] == pytest.approx(model.score(ids).tolist(), abs=1e-5)
         assert rec.ids == model.generate(ids, 3)
 

@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai", reason="the [test] extra is not installed
 import uvicorn  # noqa: E402
 
 from picogpt_fast import GPT2  # noqa: E402
-from picogpt_fast.serve import Server, _token_text  # noqa: E402
+from picogpt_fast.openai import token_text as _token_text  # noqa: E402
+from picogpt_fast.serve import Server  # noqa: E402
 
 from .conftest import PYTHON, subprocess_env, wait_until  # noqa: E402
 
@@ -202,7 +203,8 @@ def test_models_health_metrics_and_chat(server):
         ({"max_tokens": -1}, 400, "'max_tokens'"),
         ({"max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),
         ({"max_tokens": 1025}, 400, "'max_tokens'"),
-        ({"max_tokens": 1024}, 400, "maximum context length is 1024"),
+        ({"max_tokens": 1024}, 400, "it must be between 0 and 1023"),  # a prompt holds a token at least
+        ({"max_tokens": 1023, "prompt": "Hi there"}, 400, "maximum context length is 1024"),
         ({"n": 0}, 400, "'n'"),
         ({"n": 40}, 400, "'n'"),
         ({"best_of": 3}, 400, "best_of"),
@@ -434,3 +436,132 @@ def test_command_line_errors(long_model_dir, cli):
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: the server could not start on 127.0.0.1:{port} (see the error above); is the port in use?"
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- what one client may cost the others
+def test_stop_strings_are_bounded_and_a_flood_of_them_stalls_nobody(server):
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 5, "stop": ["x"] * 300_000}
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        flood = pool.submit(raw, server.url + "/v1/completions", "POST", body)
+        time.sleep(0.05)
+        t1 = time.monotonic()
+        r = server.client.completions.create(model=NAME, prompt="Hi", max_tokens=5)
+        other = time.monotonic() - t1
+        status, _, answer = flood.result()
+    assert status == 400 and "at most 4 strings" in answer["error"]["message"]
+    assert r.usage.completion_tokens == 5 and other < 1.0, other
+    assert time.monotonic() - t0 < 10
+    status, _, answer = raw(server.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "stop": ["y" * 1001]})
+    assert status == 400 and "characters in all" in answer["error"]["message"]
+
+
+def test_a_chunked_body_is_refused_as_it_arrives(server):
+    """No Content-Length: the 413 comes once the body passes the limit, not after the client has sent it all."""
+    from picogpt_fast.serve import MAX_BODY
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece, sent = b"x" * (1 << 20), 0
+    try:
+        while sent < 50 * MAX_BODY:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent += len(piece)
+    except OSError:  # the server answered and closed: it stopped reading
+        pass
+    reply = sock.recv(65536).decode(errors="replace")
+    sock.close()
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    assert sent < 10 * MAX_BODY  # refused long before the 200 MiB were sent
+
+
+def test_a_queued_client_that_leaves_gives_its_place_back(model):
+    running = Running(model, max_batch=1, max_queue=1)
+    try:
+        long = {"model": NAME, "prompt": "Hi", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        first, r1 = _open_stream(running.port, long)  # holds the one slot
+        r1.readline()
+        second = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)  # takes the one queue place
+        second.request("POST", "/v1/completions", json.dumps({**long, "stream": False}), {"Content-Type": "application/json"})
+        wait_until(lambda: running.state.scheduler.queue, 5, "the second request never queued")
+        second.sock.shutdown(socket.SHUT_RDWR)
+        second.close()
+        wait_until(lambda: not running.state.scheduler.queue, 5, "the queue place was not given back")
+        third = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+        third.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 2}), {"Content-Type": "application/json"})
+        wait_until(lambda: running.state.scheduler.queue, 5, "the third request was not queued")  # not a 429
+        first.close()
+        assert json.loads(third.getresponse().read())["usage"]["completion_tokens"] == 2
+    finally:
+        running.stop()
+
+
+def _count(url, outcome) -> float:
+    text = raw(url + "/metrics")[2]
+    found = re.search(rf'^picogpt_fast_requests_total{{outcome="{outcome}"}} (\S+)', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_malformed_json_and_unicode_are_400_and_counted(server):
+    before = _count(server.url, "invalid")
+    for payload in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "tiny-gpt2", "prompt": "bad \\ud800 text"}', b'{"prompt": {"nested": [[[[1]]]]}}'):
+        status, _, body = raw(server.url + "/v1/completions", "POST", payload)
+        assert status == 400 and body["error"]["type"] == "invalid_request_error" and "\n" not in body["error"]["message"], body
+    assert _count(server.url, "invalid") == before + 3
+
+
+def test_echo_with_logprobs_keeps_no_logits(model):
+    """A long prompt echoed with logprobs, four times over: its log-probabilities are computed chunk
+    by chunk, so the memory it costs stays far below the logits it spans (4 x 900 x 50257 floats)."""
+    import tracemalloc
+
+    from picogpt_fast.scheduler import Request, Scheduler
+    from picogpt_fast.sampling import SamplingParams
+
+    scheduler = Scheduler(model, max_batch=4, max_queue=8)
+    scheduler.session.prefill(list(range(300)), seq=0, all_logits=True)  # buffers for a chunk's logits, as any request uses
+    scheduler.session.reset()
+    prompt = list(range(1000, 1900))
+    done, events = [], []
+    requests = [Request(prompt, 2, SamplingParams(), lambda k, p: (events.append(k), k in ("done", "error") and done.append(k)), logprobs=5,
+                        prompt_logprobs=True) for _ in range(4)]  # fmt: skip
+    tracemalloc.start()
+    scheduler.start()
+    scheduler.submit(requests)
+    wait_until(lambda: len(done) == 4, 120, "the requests did not finish")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    scheduler.stop(0)
+    assert done == ["done"] * 4 and events.count("prompt_logprobs") == 4 * 4  # 900 tokens: 4 chunks each
+    assert peak < 0.1 * 4 * 900 * 50257 * 4, peak
+
+
+def test_the_names_users_send(long_model_dir):
+    """The name as given, and its short forms: the README's examples work with the model they start."""
+    from picogpt_fast.cli import served_names
+
+    assert served_names("gpt2") == ["gpt2"]
+    assert served_names("openai-community/gpt2") == ["openai-community/gpt2", "gpt2"]
+    assert served_names("124M") == ["124M", "gpt2"]
+    assert served_names("./models/gpt2-local/") == ["./models/gpt2-local/", "gpt2-local"]
+    port = _free_port()
+    proc = subprocess.Popen([PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())  # fmt: skip
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving"):  # printed once the socket is bound: it answers at once
+                assert raw(f"http://127.0.0.1:{port}/health")[0] == 200
+                break
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        for name in (str(long_model_dir), long_model_dir.name):
+            assert client.completions.create(model=name, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        assert [m.id for m in client.models.list().data] == [str(long_model_dir)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_the_playground_page(server):
+    status, headers, page = raw(server.url + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert NAME in page and "/v1/completions" in page and "http://" not in page.replace("http://127", "")  # nothing from elsewhere
