@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import dtypes, tensorfile
@@ -88,6 +89,8 @@ def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: lis
     if identity is not None and meta.get("source") != json.dumps(identity):
         raise CheckpointError(f"{path} was converted from another version of the checkpoint")
     buf = tensorfile.map_file(path)
+    if identity is not None:
+        _used(path)
     arrays = {name: tensorfile.view(e, buf) for name, e in entries.items()}
     ew = dtypes.readonly(EngineWeights.from_tensors(arrays, stored, config, str(path), sources=[buf]))
     ew.verification = Verification(path, arrays, meta.get("checksum"), rebuild, fresh)
@@ -161,6 +164,59 @@ def engine_weights(files: list[Path], config: GPT2Config, dtype: str, build) -> 
         except CheckpointError as e:
             notice(f"rebuilding the cached {dtype} weights ({e})")
     return rebuild()
+
+
+def _used(path: Path) -> None:
+    """Record a cache entry's last use (its modification time: `picogpt-fast cache` shows it)."""
+    try:
+        os.utime(path)
+    except OSError:  # a cache shared read-only: its entries are used, just not marked
+        pass
+
+
+@dataclass
+class Entry:
+    """A cache entry as `picogpt-fast cache` lists it."""
+
+    path: Path
+    source: str  # the checkpoint's folder ("?" for an entry that cannot be read)
+    dtype: str
+    size: int  # bytes
+    used: float  # last use, seconds since the epoch
+
+
+def entries() -> list[Entry]:
+    """Every entry of the weights cache (and leftovers of interrupted writes), newest use first."""
+    folder = cache_dir()
+    out = []
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        source, dtype = "?", "?"
+        try:
+            _, meta = tensorfile.read_header(path)
+            dtype = meta.get("dtype", "?")
+            source = str(Path(json.loads(meta["source"])[0][0]).parent)
+        except (CheckpointError, KeyError, IndexError, TypeError, ValueError):
+            source = "(an interrupted write)" if path.name.endswith(".tmp") else "(unreadable: another version, or damaged)"
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append(Entry(path, source, dtype, st.st_size, st.st_mtime))
+    return sorted(out, key=lambda e: -e.used)
+
+
+def remove(chosen: list[Entry]) -> int:
+    """Delete these entries; the bytes freed."""
+    freed = 0
+    for e in chosen:
+        try:
+            e.path.unlink()
+            freed += e.size
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise CheckpointError(f"cannot delete {e.path}: {err.strerror or err}") from None
+    return freed
 
 
 def notice(message: str) -> None:

@@ -34,6 +34,7 @@ Examples:
   picogpt-fast convert gpt2 --dtype int8 -o gpt2-int8
   picogpt-fast bench --shape 124M
   picogpt-fast warmup
+  picogpt-fast cache
   picogpt-fast serve --model gpt2 --port 8000
 """
 
@@ -505,6 +506,70 @@ def convert(model, models_dir, revision, dtype, output, quiet):
     out = loader.convert(_resolve(model, models_dir, revision), dtype, Path(output))
     size = (out / "model.safetensors").stat().st_size
     _info(quiet, f"wrote {out} ({dtype}, {size / 1e6:.0f} MB of weights) in {time.perf_counter() - t0:.2f} s")
+
+
+# --------------------------------------------------------------------------- cache
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def cache(ctx):
+    """List the converted weights kept in the cache (PICOGPT_FAST_CACHE), or clear them.
+
+    \b
+    picogpt-fast cache                 # what is cached: source, dtype, size, last use
+    picogpt-fast cache clear           # everything
+    picogpt-fast cache clear MODEL     # the entries converted from MODEL (a folder or Hub id)
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_list)
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def cache_list(as_json=False):
+    """What is cached: source, dtype, size, last use."""
+    from .cache import cache_dir, entries
+
+    _need_stdout()
+    found = entries()
+    if as_json:
+        for e in found:
+            _print_json({"path": str(e.path), "source": e.source, "dtype": e.dtype, "bytes": e.size, "last_used": e.used})
+        return
+    rows = [(e.source, e.dtype, f"{e.size / 1e6:,.0f} MB", _ago(e.used)) for e in found]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(("SOURCE", "DTYPE", "SIZE", "LAST USED"))]
+    for row in [("SOURCE", "DTYPE", "SIZE", "LAST USED"), *rows]:
+        click.echo("  ".join(cell.ljust(w) if i != 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    total = sum(e.size for e in found)
+    click.echo(f"\n{_count(len(found), 'entry').replace('entrys', 'entries')}, {total / 1e6:,.0f} MB in {cache_dir()}")
+
+
+@cache.command("clear")
+@click.argument("model", required=False)
+@_models_dir_option
+@_revision_option
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Only the entries in this dtype.")
+def cache_clear(model, models_dir, revision, dtype):
+    """Delete cached entries: all of them, or MODEL's (in --dtype only, if given)."""
+    from .cache import entries, remove
+
+    found = entries()
+    if model is not None:
+        from .hub import resolve_model
+
+        folder = str(resolve_model(_model_name(model, models_dir), revision=revision).resolve())
+        found = [e for e in found if e.source == folder]
+    if dtype is not None:
+        found = [e for e in found if e.dtype == dtype]
+    freed = remove(found)
+    _info(False, f"removed {_count(len(found), 'entry').replace('entrys', 'entries')}, {freed / 1e6:,.0f} MB")
+
+
+def _ago(when: float) -> str:
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            return f"{_count(int(seconds // size), unit)} ago"
+    return "just now"
 
 
 # --------------------------------------------------------------------------- warmup

@@ -229,3 +229,21 @@ def test_python_api_checks_its_arguments(models):
         eng.generate("Hi", 2, temprature=0.5)
     text = eng.complete(["Hello"], 12, stop="xyz", stop_at_eos=False)[0][0].text
     assert text == eng.complete(["Hello"], 12, stop=["xyz"], stop_at_eos=False)[0][0].text  # one stop string, not three
+
+
+def test_cache_lists_and_clears_what_is_cached(cli, model_dir, tmp_path, monkeypatch):
+    from picogpt_fast import GPT2
+
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path))
+    small, odd = model_dir("small"), model_dir("odd")
+    for folder, dtype in ((small, "int8"), (small, "float16"), (odd, "int8")):
+        GPT2.from_pretrained(folder, dtype=dtype)
+    code, out, _ = cli("cache")
+    assert code == 0 and out.splitlines()[0].split() == ["SOURCE", "DTYPE", "SIZE", "LAST", "USED"]
+    assert out.count(str(small)) == 2 and out.count(str(odd)) == 1 and f"3 entries" in out and "just now" in out
+    code, out, err = cli("cache", "clear", small, "--dtype", "int8")
+    assert code == 0 and "removed 1 entry" in err
+    rows = [json.loads(line) for line in cli("cache", "list", "--json")[1].splitlines()]
+    assert sorted((r["source"], r["dtype"]) for r in rows) == sorted([(str(small), "float16"), (str(odd), "int8")])
+    code, out, err = cli("cache", "clear")
+    assert code == 0 and "removed 2 entries" in err and "0 entries" in cli("cache")[1]
