@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,9 +168,10 @@ def engine_weights(files: list[Path], config: GPT2Config, dtype: str, build) -> 
 
 
 def _used(path: Path) -> None:
-    """Record a cache entry's last use (its modification time: `picogpt-fast cache` shows it)."""
+    """Record a cache entry's last use as its access time (set explicitly: mounts often skip those),
+    which `picogpt-fast cache` shows; its modification time stays when it was written."""
     try:
-        os.utime(path)
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     except OSError:  # a cache shared read-only: its entries are used, just not marked
         pass
 
@@ -201,7 +203,7 @@ def entries() -> list[Entry]:
             st = path.stat()
         except OSError:
             continue
-        out.append(Entry(path, source, dtype, st.st_size, st.st_mtime))
+        out.append(Entry(path, source, dtype, st.st_size, max(st.st_atime, st.st_mtime)))
     return sorted(out, key=lambda e: -e.used)
 
 

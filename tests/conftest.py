@@ -3,8 +3,10 @@ layout (config.json + model.safetensors + vocab.json + merges.txt) that go throu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,6 +116,22 @@ def subprocess_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def child(args, **kwargs):
+    """subprocess.Popen(args, **kwargs), killed and reaped when the block ends, whatever ends it (a
+    failed assertion, a timeout): no test leaves a process behind."""
+    p = subprocess.Popen([str(a) for a in args], **kwargs)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def wait_until(condition, seconds: float, what: str) -> None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import PYTHON, subprocess_env
+from .conftest import PYTHON, child, subprocess_env
 
 PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -61,11 +61,11 @@ def test_stream_prints_what_run_prints(model_dir):
 
 def test_ctrl_c_while_streaming(model_dir):
     args = [PYTHON, "-m", "picogpt_fast", "run", "Hello", "--model", str(model_dir("small")), "-n", "100000", "--clip", "--stream", "--ignore-eos", "--backend", "numpy"]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    first = p.stdout.read(1)  # generation has started
-    assert first
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    with child(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()) as p:
+        first = p.stdout.read(1)  # generation has started
+        assert first
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
     assert p.returncode == 130
     assert "Traceback" not in err
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, REPO, subprocess_env
+from .conftest import PYTHON, REPO, child, subprocess_env
 
 UNPRIVILEGED = (
     ["setpriv", "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked", "--bounding-set=-all", "--inh-caps=-all", "--"]
@@ -144,11 +144,11 @@ def test_sigpipe(long_model, mode):
     """Output piped into a reader that stops early (`| head -c 8`): exit 0, nothing on stderr."""
     prompt = [] if mode == "file" else ["Hello"]
     cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 300, "--ignore-eos", "-q", *mode_args(mode, long_model)]
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
-    p.stdout.read(8)
-    p.stdout.close()  # the reader is gone
-    err = p.stderr.read().decode()
-    assert p.wait(timeout=300) == 0 and err == "", err
+    with child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env()) as p:
+        p.stdout.read(8)
+        p.stdout.close()  # the reader is gone
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 0 and err == "", err
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -157,12 +157,12 @@ def test_sigint(long_model, mode):
     long enough to interrupt it mid-generation)."""
     prompt = [] if mode == "file" else ["Hello"]
     cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 1000, "--clip", "--ignore-eos", "--backend", "numpy", *mode_args(mode, long_model)]
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
-    while b"loaded" not in p.stderr.readline():  # the model is loaded; generation starts now
-        assert p.poll() is None
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    with child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env()) as p:
+        while b"loaded" not in p.stderr.readline():  # the model is loaded; generation starts now
+            assert p.poll() is None
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert b"Traceback" not in err
 
@@ -202,7 +202,8 @@ def test_one_compile_from_a_clones_root(tmp_path, model_dir):
     assert command.exists(), "the package must be installed (pip install -e . or pip install .)"
     env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
     env.pop("PYTHONPATH")  # as a user's shell has it
-    r = subprocess.run([str(command), "run", "Hello", "--model", model_dir("small"), "-n", 2], capture_output=True, text=True, env=env, cwd=clone, timeout=900)
+    args = [command, "run", "Hello", "--model", model_dir("small"), "-n", 2]
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=clone, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("compiling the engine's kernels") == 1 and "failed" not in r.stderr, r.stderr
     assert list((tmp_path / "kernels").rglob("picogpt-fast-compiled-float32-*"))

@@ -27,7 +27,7 @@ from picogpt_fast import GPT2  # noqa: E402
 from picogpt_fast.openai import token_text as _token_text  # noqa: E402
 from picogpt_fast.serve import Server  # noqa: E402
 
-from .conftest import PYTHON, subprocess_env, wait_until  # noqa: E402
+from .conftest import PYTHON, child, subprocess_env, wait_until  # noqa: E402
 
 NAME = "tiny-gpt2"
 PROMPTS = ["Alan Turing theorized that", "Once upon a time", "The capital of France is", "Hello", "",
@@ -387,13 +387,13 @@ def _free_port() -> int:
 
 def test_sigterm_finishes_or_cancels_and_exits_0(long_model_dir):
     port = _free_port()
-    proc = subprocess.Popen(
+    server = child(
         [PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--served-model-name", NAME, "--port", str(port),
          "--shutdown-grace", "1", "--max-batch", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
     )  # fmt: skip
     log = []
-    try:
+    with server as proc:
         for line in proc.stdout:  # ready when uvicorn says where it listens: on loopback by default
             log.append(line)
             if "Uvicorn running on" in line:
@@ -417,9 +417,6 @@ def test_sigterm_finishes_or_cancels_and_exits_0(long_model_dir):
         assert '"finish_reason": "length"' in rest or '"code": "shutting_down"' in rest
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_command_line_errors(long_model_dir, cli):
@@ -545,9 +542,8 @@ def test_the_names_users_send(long_model_dir):
     assert served_names("124M") == ["124M", "gpt2"]
     assert served_names("./models/gpt2-local/") == ["./models/gpt2-local/", "gpt2-local"]
     port = _free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())  # fmt: skip
-    try:
+    with child([PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
+               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env()) as proc:  # fmt: skip
         for line in proc.stderr:
             if line.startswith("serving"):  # printed once the socket is bound: it answers at once
                 assert raw(f"http://127.0.0.1:{port}/health")[0] == 200
@@ -556,9 +552,6 @@ def test_the_names_users_send(long_model_dir):
         for name in (str(long_model_dir), long_model_dir.name):
             assert client.completions.create(model=name, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
         assert [m.id for m in client.models.list().data] == [str(long_model_dir)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_the_playground_page(server):
