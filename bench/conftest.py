@@ -13,7 +13,6 @@ Nothing here asserts a wall-clock time: compare runs with --benchmark-compare on
 from __future__ import annotations
 
 import numba
-import numpy as np
 import pytest
 
 from picogpt_fast import GPT2, GPT2Config

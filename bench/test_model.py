@@ -58,7 +58,9 @@ def test_seed_workload(benchmark, record, engine124, reference124, backend):
     model = engine124 if backend == "numba" else reference124
     ids = prompt(64)
     record("seed workload: 64-token prompt + 32 greedy tokens")
-    result = benchmark.pedantic(lambda: model.generate(ids, 32, stop_at_eos=False), warmup_rounds=int(backend == "numba"), rounds=3 if backend == "numba" else 1)
+    result = benchmark.pedantic(
+        lambda: model.generate(ids, 32, stop_at_eos=False), warmup_rounds=int(backend == "numba"), rounds=3 if backend == "numba" else 1
+    )
     assert len(result) == 32
     throughput(benchmark, 32, "tok/s")
 
@@ -135,7 +137,9 @@ def test_peer_transformers(benchmark, record):
     benchmark.pedantic(run, rounds=1)
     for backend, r in results.items():
         for row in r["rows"]:
-            benchmark.extra_info[f"{backend} {row['test']} tok/s"] = round(row["tokens"] / sorted(row["seconds"])[len(row["seconds"]) // 2], 2)
+            benchmark.extra_info[f"{backend} {row['test']} tok/s"] = round(
+                row["tokens"] / sorted(row["seconds"])[len(row["seconds"]) // 2], 2
+            )
     benchmark.extra_info["peer"] = results["transformers"]["version"]
 
 

@@ -26,9 +26,9 @@ import pytest
 
 pytest.importorskip("starlette", reason="the [serve] extra is not installed")
 
-from picogpt_fast.checkpoint import save_pretrained  # noqa: E402
+from picogpt_fast.checkpoint import save_pretrained
 
-from .test_tokenizer import TOKENIZER_DIR  # noqa: E402
+from .test_tokenizer import TOKENIZER_DIR
 
 TOKENS = 64
 IN_PROCESS = """
@@ -72,8 +72,22 @@ def server124(tmp_path_factory, config124, weights124):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "picogpt_fast", "serve", "--model", str(folder), "--port", str(port),
-                             "--max-batch", "8", "--log-level", "warning"])  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "picogpt_fast",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--max-batch",
+            "8",
+            "--log-level",
+            "warning",
+        ]
+    )
     deadline = time.monotonic() + 300
     while True:  # ready once /health says so
         try:
@@ -102,8 +116,9 @@ def test_serve_throughput_latency_overhead(benchmark, record, server124):
         for _ in range(3):
             http_walls += [_post(port, body)[0] for _ in range(3)]
             stream_walls += [_post(port, body, stream=True)[0] for _ in range(3)]
-            out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(folder), PROMPT, str(TOKENS), "3"],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", IN_PROCESS, str(folder), PROMPT, str(TOKENS), "3"], capture_output=True, text=True, check=True
+            )
             local_walls += json.loads(out.stdout)
         results["one client tok/s"] = TOKENS / statistics.median(http_walls)
         results["in process tok/s"] = TOKENS / statistics.median(local_walls)
@@ -115,7 +130,7 @@ def test_serve_throughput_latency_overhead(benchmark, record, server124):
         for _ in range(3):
             out = [None] * 8
 
-            def client(i):
+            def client(i, out=out):
                 out[i] = _post(port, {**body, "prompt": f"{PROMPT} {i}"}, stream=True)
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]

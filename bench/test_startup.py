@@ -43,7 +43,13 @@ def test_compile_time_empty_cache(benchmark, record, tmp_path):
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
     record("start-up: compile every kernel, empty cache")
     out = benchmark.pedantic(
-        lambda: subprocess.run([sys.executable, "-m", "picogpt_fast", "warmup"], env={**__import__("os").environ, **env}, capture_output=True, text=True, check=True),
+        lambda: subprocess.run(
+            [sys.executable, "-m", "picogpt_fast", "warmup"],
+            env={**__import__("os").environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ),
         rounds=1,
     )
     benchmark.extra_info["warmup_output"] = out.stdout.strip()
@@ -53,7 +59,9 @@ def test_time_to_first_token_warm_cache(benchmark, record, folder124):
     """Wall time of a fresh process: imports, config and tokenizer, weights, the engine, first token
     (kernel and weights caches warm), by stage; and of the whole `picogpt-fast run "Hello" -n 1`."""
     subprocess.run([sys.executable, "-m", "picogpt_fast", "warmup"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "picogpt_fast", "run", "Hello", "-n", "1", "--model", str(folder124)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "picogpt_fast", "run", "Hello", "-n", "1", "--model", str(folder124)], check=True, capture_output=True
+    )
     record("start-up: process start to first token, 124M, warm cache")
     runs, cli = [], []
 
@@ -62,7 +70,11 @@ def test_time_to_first_token_warm_cache(benchmark, record, folder124):
         r = subprocess.run([sys.executable, "-c", FIRST_TOKEN, str(folder124)], capture_output=True, text=True, check=True)
         runs.append((round(time.perf_counter() - t0, 3), json.loads(r.stdout)))
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "picogpt_fast", "run", "Hello", "-n", "1", "-q", "--model", str(folder124)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "picogpt_fast", "run", "Hello", "-n", "1", "-q", "--model", str(folder124)],
+            check=True,
+            capture_output=True,
+        )
         cli.append(round(time.perf_counter() - t0, 3))
 
     benchmark.pedantic(run, rounds=5)

@@ -87,7 +87,20 @@ def decode_bytes_per_token(config: GPT2Config, weights, context: float) -> float
 
 
 # CPU flags that decide which kernels run (kernels/cpu.py) or that a peer's speed depends on.
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
 def machine_info(threads: int) -> dict:
@@ -105,12 +118,19 @@ def machine_info(threads: int) -> dict:
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     path = int8_path("float32")  # any notice about a forced path is the model's to print
     return {
-        "picogpt_fast": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "numba": numba.__version__, "threading_layer": threading_layer(), "threads": threads,
-        "cpu": cpu, "cores": os.cpu_count(), "cpu_flags": [f for f in FLAGS if f in flags],
-        "int8_kernel": next(n for n, c in PATH_NAMES.items() if c == path), "int8_prompts": int8_prompts(path),
+        "picogpt_fast": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "threading_layer": threading_layer(),
+        "threads": threads,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cpu_flags": [f for f in FLAGS if f in flags],
+        "int8_kernel": next(n for n, c in PATH_NAMES.items() if c == path),
+        "int8_prompts": int8_prompts(path),
         "blas": blas_info(),
-    }  # fmt: skip
+    }
 
 
 def prefill_ops(config: GPT2Config, n: int) -> float:
@@ -200,7 +220,7 @@ class TransformersModel:
         self.model.load_state_dict(state, strict=False)
         self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
 
-    def session(self, n_seq: int = 1, capacity: int = 0) -> "TransformersSession":
+    def session(self, n_seq: int = 1, capacity: int = 0) -> TransformersSession:
         return TransformersSession(self, n_seq, capacity)
 
 
@@ -218,8 +238,12 @@ class TransformersSession(Session):
     def _forward(self, ids, seq, pos, all_logits: bool, prompt: bool) -> np.ndarray:
         torch = self.peer.torch
         with torch.no_grad():
-            out = self.peer.model(torch.tensor([ids.tolist()]), past_key_values=self.past if pos[0] else None, use_cache=True,
-                                  logits_to_keep=0 if all_logits else 1)  # fmt: skip
+            out = self.peer.model(
+                torch.tensor([ids.tolist()]),
+                past_key_values=self.past if pos[0] else None,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
         self.past = out.past_key_values
         return out.logits[0].numpy()
 
@@ -234,7 +258,9 @@ def _model_for(spec: dict, dtype: str = "float32", backend: str = "numba"):
         from . import loader
 
         resolved = loader.resolve(spec["model"])
-        model = GPT2(resolved.config, loader.load_weights(resolved, dtype), backend=backend, threads=spec["threads"] if backend == "numba" else None)
+        model = GPT2(
+            resolved.config, loader.load_weights(resolved, dtype), backend=backend, threads=spec["threads"] if backend == "numba" else None
+        )
         return model, str(spec["model"])
     config = GPT2Config.from_shape(spec["shape"])
     weights = random_weights(config, seed=spec.get("seed", 0), std=0.02)
@@ -249,8 +275,10 @@ def measure_in_subprocess(spec: dict, backend: str) -> dict:
 
     r = subprocess.run(
         [sys.executable, "-m", "picogpt_fast.benchmark", json.dumps({**spec, "backend": backend})],
-        capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{backend} benchmark failed: {last}")
@@ -271,7 +299,9 @@ def _child(spec: dict) -> None:
     print(json.dumps({"version": version, "rows": [asdict(r) for r in rows]}))
 
 
-def run_bench(*, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, dtypes=("float32",), out=sys.stdout) -> dict:
+def run_bench(
+    *, model, shape, threads, prompt_lengths, gen, reps, reference, fmt, peers=False, dtypes=("float32",), out=sys.stdout
+) -> dict:
     from . import threads as T
     from .errors import InvalidArgumentError
 
@@ -317,8 +347,18 @@ def _rows_json(rows: list[Row], config, weights: dict, bandwidth: float) -> list
     engine = {(key(r), r.dtype): r for r in rows if r.backend == "numba"}
     out = []
     for r in rows:
-        d = {"test": r.test, "backend": r.backend, "dtype": r.dtype, "tokens": r.tokens, "median_ms": r.median_s * 1e3,
-             "tok_s": r.tok_s, "spread_tok_s": r.spread_tok_s, "reps": len(r.seconds), "numba_speedup": None, "vs_float32": None}  # fmt: skip
+        d = {
+            "test": r.test,
+            "backend": r.backend,
+            "dtype": r.dtype,
+            "tokens": r.tokens,
+            "median_ms": r.median_s * 1e3,
+            "tok_s": r.tok_s,
+            "spread_tok_s": r.spread_tok_s,
+            "reps": len(r.seconds),
+            "numba_speedup": None,
+            "vs_float32": None,
+        }
         if r.test.startswith("tg") and r.dtype in weights and r.backend == "numba":
             gbs = decode_bytes_per_token(config, weights[r.dtype], 1 + r.tokens / 2) * r.tok_s / 1e9
             d.update(gb_s=gbs, bandwidth_fraction=gbs / bandwidth)
@@ -339,7 +379,21 @@ def _print(result: dict, fmt: str, out) -> None:
         out.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
     if fmt == "csv":
-        keys = ["test", "backend", "dtype", "tokens", "median_ms", "tok_s", "spread_tok_s", "gop_s", "gb_s", "bandwidth_fraction", "numba_speedup", "vs_float32", "reps"]
+        keys = [
+            "test",
+            "backend",
+            "dtype",
+            "tokens",
+            "median_ms",
+            "tok_s",
+            "spread_tok_s",
+            "gop_s",
+            "gb_s",
+            "bandwidth_fraction",
+            "numba_speedup",
+            "vs_float32",
+            "reps",
+        ]
         out.write(",".join(keys) + "\n")
         for r in result["rows"]:
             out.write(",".join("" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
@@ -351,13 +405,19 @@ def _print(result: dict, fmt: str, out) -> None:
         f"({m['threading_layer']}), {m['threads']} threads; BLAS {blas.get('internal_api')} {blas.get('version')} "
         f"{blas.get('architecture')} kernels (OPENBLAS_CORETYPE={blas.get('OPENBLAS_CORETYPE')}, OPENBLAS_L2_SIZE={blas.get('OPENBLAS_L2_SIZE')})\n"
     )
-    out.write(f"int8 kernels: {m['int8_kernel']} dot products; prompts on {'the integer GEMM' if m['int8_prompts'] == 'gemm' else 'BLAS'}\n")
+    out.write(
+        f"int8 kernels: {m['int8_kernel']} dot products; prompts on {'the integer GEMM' if m['int8_prompts'] == 'gemm' else 'BLAS'}\n"
+    )
     weights = ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in result["weights_bytes"].items())
-    out.write(f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; engine peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
-              f"(weights: {weights})\n")  # fmt: skip
+    out.write(
+        f"memory read bandwidth (measured): {result['bandwidth_gb_s']:.1f} GB/s; engine peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB "
+        f"(weights: {weights})\n"
+    )
     if "peer" in result:
         out.write(f"peer: {result['peer']}\n")
-    out.write("\n| test | backend | dtype | tok/s | ± | ms | prefill GOP/s | numba speed-up | vs float32 | decode GB/s | % of bandwidth |\n")
+    out.write(
+        "\n| test | backend | dtype | tok/s | ± | ms | prefill GOP/s | numba speed-up | vs float32 | decode GB/s | % of bandwidth |\n"
+    )
     out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in result["rows"]:
         speed = f"{r['numba_speedup']:.1f}x" if r["numba_speedup"] else ""
@@ -365,7 +425,9 @@ def _print(result: dict, fmt: str, out) -> None:
         gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if "gb_s" in r else ""
         gops = f"{r['gop_s']:.1f}" if "gop_s" in r else ""
-        out.write(f"| {r['test']} | {r['backend']} | {r['dtype']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {gops} | {speed} | {ratio} | {gbs} | {frac} |\n")
+        out.write(
+            f"| {r['test']} | {r['backend']} | {r['dtype']} | {r['tok_s']:.1f} | {r['spread_tok_s']:.1f} | {r['median_ms']:.1f} | {gops} | {speed} | {ratio} | {gbs} | {frac} |\n"
+        )
 
 
 if __name__ == "__main__":

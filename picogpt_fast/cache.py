@@ -45,7 +45,9 @@ def cache_dir() -> Path:
     if env:
         folder = Path(os.path.expanduser(env))
         if str(folder).startswith("~"):  # ~user that does not exist
-            raise CheckpointError(f"PICOGPT_FAST_CACHE={env!r} names the home folder of a user that does not exist; set it to a folder path")
+            raise CheckpointError(
+                f"PICOGPT_FAST_CACHE={env!r} names the home folder of a user that does not exist; set it to a folder path"
+            )
         return folder
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "picogpt-fast"
@@ -63,15 +65,21 @@ def source_identity(files: list[Path]) -> list[list]:
 
 def metadata(config: GPT2Config, ew: EngineWeights, identity: list | None) -> dict[str, str]:
     meta = {
-        "format": FORMAT, "version": VERSION, "dtype": ew.dtype, "group": str(dtypes.GROUP),
-        "config": json.dumps(config.to_hf_dict(), sort_keys=True), "checksum": tensorfile.checksum(ew.tensors()),
-    }  # fmt: skip
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": ew.dtype,
+        "group": str(dtypes.GROUP),
+        "config": json.dumps(config.to_hf_dict(), sort_keys=True),
+        "checksum": tensorfile.checksum(ew.tensors()),
+    }
     if identity is not None:
         meta["source"] = json.dumps(identity)
     return meta
 
 
-def read(path: Path, config: GPT2Config, dtype: str | None = None, identity: list | None = None, rebuild=None, fresh=False) -> EngineWeights:
+def read(
+    path: Path, config: GPT2Config, dtype: str | None = None, identity: list | None = None, rebuild=None, fresh=False
+) -> EngineWeights:
     """Map a weights file written by `write`; CheckpointError if it is not one, or not for this
     config, dtype (None: any) and source identity (None: any). Its checksum is verified in the
     background (see `Verification`); `rebuild()` makes the weights anew if it fails (a cache entry;
@@ -118,7 +126,9 @@ class Verification:
         if self.actual == self.expected:
             return weights
         if self.fresh:
-            raise CheckpointError(f"{self.path} reads back different from what was written to it; check the disk, or set PICOGPT_FAST_CACHE to another folder")
+            raise CheckpointError(
+                f"{self.path} reads back different from what was written to it; check the disk, or set PICOGPT_FAST_CACHE to another folder"
+            )
         if self.rebuild is None:
             raise CheckpointError(f"{self.path} is corrupt (its tensors do not match their checksum); convert the model again")
         notice(f"the cached weights {self.path} were corrupt (checksum mismatch); rebuilding them")
@@ -153,8 +163,10 @@ def engine_weights(files: list[Path], config: GPT2Config, dtype: str, build) -> 
         try:
             write(path, ew, config, identity)
         except OSError as e:
-            notice(f"cannot write the weights cache {path.parent} ({e.strerror or e}); converted weights stay in memory "
-                   "(set PICOGPT_FAST_CACHE to a writable folder to keep them)")  # fmt: skip
+            notice(
+                f"cannot write the weights cache {path.parent} ({e.strerror or e}); converted weights stay in memory "
+                "(set PICOGPT_FAST_CACHE to a writable folder to keep them)"
+            )
             return ew
         del ew  # the file replaces the in-memory conversion, verified below before use
         return read(path, config, dtype, identity, fresh=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .config import GPT2Config
 from . import tensors
+from .config import GPT2Config
 from .weights import GPT2Weights
 
 

@@ -39,43 +39,70 @@ Examples:
 """
 
 _model_option = click.option(
-    "-m", "--model", "--model_size", "model", default="gpt2", show_default=True,
+    "-m",
+    "--model",
+    "--model_size",
+    "model",
+    default="gpt2",
+    show_default=True,
     help="Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, org/fine-tune), picoGPT size "
     "(124M, 355M, 774M, 1558M) or a local folder: config.json, model.safetensors, vocab.json, merges.txt "
     "(or picoGPT's hparams.json, model.ckpt.*, encoder.json, vocab.bpe).",
-)  # fmt: skip
+)
 _models_dir_option = click.option(
-    "--models_dir", "--models-dir", "models_dir", type=click.Path(file_okay=False), default=None,
+    "--models_dir",
+    "--models-dir",
+    "models_dir",
+    type=click.Path(file_okay=False),
+    default=None,
     help="picoGPT's models directory: MODELS_DIR/MODEL is used when that folder exists.",
-)  # fmt: skip
+)
 _revision_option = click.option("--revision", default=None, help="Hub branch, tag or commit.")
 _backend_option = click.option(
-    "--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+    "--backend",
+    type=click.Choice(["numba", "numpy"]),
+    default="numba",
+    show_default=True,
     help="numba: the engine; numpy: picoGPT's reference math (slow, no KV cache).",
-)  # fmt: skip
+)
 _threads_option = click.option("--threads", type=int, default=None, help="Threads for the engine and BLAS (default: all cores).")
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 _dtype_option = click.option(
-    "--dtype", type=click.Choice(DTYPES), default=None,
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
     help="Weight dtype: float32 (default; or the dtype of a folder written by `convert`), float16, bfloat16 or "
     "int8 (one scale per 32 inputs). Converted once and cached (PICOGPT_FAST_CACHE).",
-)  # fmt: skip
+)
 
 
 def _dataset_options(column_default: str):
     """--dataset/--out and the Ray options shared by `run` and `score`."""
     options = [
-        click.option("--dataset", default=None, help="Rows to process with Ray Data: a .parquet, .jsonl/.json or .csv file, a folder of them, "
-                     "or a URI (s3://...) (pip install 'picogpt-fast[ray]')."),
-        click.option("--out", default=None, help="With --dataset: where the rows go with their results: a .parquet, .jsonl or .csv file, "
-                     "or a folder of Parquet files."),
+        click.option(
+            "--dataset",
+            default=None,
+            help="Rows to process with Ray Data: a .parquet, .jsonl/.json or .csv file, a folder of them, "
+            "or a URI (s3://...) (pip install 'picogpt-fast[ray]').",
+        ),
+        click.option(
+            "--out",
+            default=None,
+            help="With --dataset: where the rows go with their results: a .parquet, .jsonl or .csv file, or a folder of Parquet files.",
+        ),
         click.option("--column", default=column_default, show_default=True, help="With --dataset: the column holding the text."),
-        click.option("--ray-address", default=None, help="With --dataset: a Ray cluster to join (auto, ray://host:10001); default: start a local one."),
-        click.option("--actors", type=int, default=None, help="With --dataset: model replicas (default: the cluster's CPUs / --cpus-per-actor)."),
+        click.option(
+            "--ray-address",
+            default=None,
+            help="With --dataset: a Ray cluster to join (auto, ray://host:10001); default: start a local one.",
+        ),
+        click.option(
+            "--actors", type=int, default=None, help="With --dataset: model replicas (default: the cluster's CPUs / --cpus-per-actor)."
+        ),
         click.option("--cpus-per-actor", type=float, default=1.0, show_default=True, help="With --dataset: CPUs (threads) per replica."),
         click.option("--batch-size", type=int, default=16, show_default=True, help="With --dataset: rows per call to a replica."),
         click.option("--verbose", is_flag=True, help="With --dataset: show Ray's own logs and progress."),
-    ]  # fmt: skip
+    ]
 
     def decorate(f):
         for option in reversed(options):
@@ -99,7 +126,9 @@ def _run_dataset(kind: str, dataset, out, quiet, ray_address, verbose, **kwargs)
     if kind == "run":
         from . import validate
 
-        validate.integer("--max-new-tokens", kwargs["max_new_tokens"], 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
+        validate.integer(
+            "--max-new-tokens", kwargs["max_new_tokens"], 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}"
+        )
     t0 = time.perf_counter()
     with rd.quiet_stderr(verbose), rd.one_line_errors():
         rd.connect(ray_address, verbose)
@@ -168,7 +197,16 @@ def cli():
 @_model_option
 @_models_dir_option
 @_revision_option
-@click.option("-n", "--max-new-tokens", "--n_tokens_to_generate", "max_new_tokens", type=int, default=40, show_default=True, help="Number of tokens to generate (at most).")
+@click.option(
+    "-n",
+    "--max-new-tokens",
+    "--n_tokens_to_generate",
+    "max_new_tokens",
+    type=int,
+    default=40,
+    show_default=True,
+    help="Number of tokens to generate (at most).",
+)
 @_backend_option
 @_dtype_option
 @_threads_option
@@ -186,12 +224,49 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (JSON Lines with --file/--jsonl).")
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K alternatives per generated token.")
 @click.option("--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Prompts, one per line, generated as a batch.")
-@click.option("--jsonl", "jsonl_file", type=click.Path(dir_okay=False), default=None, help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.')
+@click.option(
+    "--jsonl",
+    "jsonl_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.',
+)
 @_dataset_options("prompt")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, threads, echo, temperature, top_k, top_p,
-        min_p, repetition_penalty, seed, stop, ignore_eos, clip, stream, as_json, logprobs, prompt_file,
-        jsonl_file, dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, verbose, quiet):  # fmt: skip
+def run(
+    prompt,
+    model,
+    models_dir,
+    revision,
+    max_new_tokens,
+    backend,
+    dtype,
+    threads,
+    echo,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop,
+    ignore_eos,
+    clip,
+    stream,
+    as_json,
+    logprobs,
+    prompt_file,
+    jsonl_file,
+    dataset,
+    out,
+    column,
+    ray_address,
+    actors,
+    cpus_per_actor,
+    batch_size,
+    verbose,
+    quiet,
+):
     """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>).
 
     With --dataset, generate for every row of a dataset with Ray Data and write the rows with
@@ -200,19 +275,61 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
 
     _need_stdout()
     # built (and so checked) before anything is loaded
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    _no_dataset_options("run", dataset, out, **{"--column": (column, "prompt"), "--ray-address": (ray_address, None), "--actors": (actors, None),
-                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16), "--verbose": (verbose, False)})  # fmt: skip
+    sampling = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
+    )
+    _no_dataset_options(
+        "run",
+        dataset,
+        out,
+        **{
+            "--column": (column, "prompt"),
+            "--ray-address": (ray_address, None),
+            "--actors": (actors, None),
+            "--cpus-per-actor": (cpus_per_actor, 1.0),
+            "--batch-size": (batch_size, 16),
+            "--verbose": (verbose, False),
+        },
+    )
     if dataset is not None:
-        _refuse_with_dataset({"PROMPT": prompt is not None, "--file": prompt_file, "--jsonl": jsonl_file, "--stream": stream, "--echo": echo,
-                  "--json": as_json, "--logprobs": logprobs, "--clip": clip, "--backend numpy": backend != "numba",
-                  "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
+        _refuse_with_dataset(
+            {
+                "PROMPT": prompt is not None,
+                "--file": prompt_file,
+                "--jsonl": jsonl_file,
+                "--stream": stream,
+                "--echo": echo,
+                "--json": as_json,
+                "--logprobs": logprobs,
+                "--clip": clip,
+                "--backend numpy": backend != "numba",
+                "--threads (use --cpus-per-actor)": threads is not None,
+            }
+        )
         return _run_dataset(
-            "run", dataset, out, quiet, ray_address, verbose, model=_model_name(model, models_dir), column=column, max_new_tokens=max_new_tokens,
-            dtype=dtype, revision=revision, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=[_utf8(x, "--stop") for x in stop], stop_at_eos=not ignore_eos,
-            actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-        )  # fmt: skip
+            "run",
+            dataset,
+            out,
+            quiet,
+            ray_address,
+            verbose,
+            model=_model_name(model, models_dir),
+            column=column,
+            max_new_tokens=max_new_tokens,
+            dtype=dtype,
+            revision=revision,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=[_utf8(x, "--stop") for x in stop],
+            stop_at_eos=not ignore_eos,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            batch_size=batch_size,
+        )
     batch = prompt_file is not None or jsonl_file is not None
     if batch and prompt is not None:
         raise InvalidArgumentError("give either PROMPT or --file/--jsonl, not both")
@@ -251,9 +368,12 @@ def run(prompt, model, models_dir, revision, max_new_tokens, backend, dtype, thr
     for i, c in enumerate(completions):
         if as_json or jsonl_file:
             record = {
-                "prompt": prompts[i], "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text,
+                "prompt": prompts[i],
+                "prompt_ids": c.prompt_ids,
+                "ids": c.ids,
+                "text": c.text,
                 "stop_reason": c.stop_reason,
-            }  # fmt: skip
+            }
             if batch:
                 record = {"index": i, **extras[i], **record}
             else:
@@ -358,7 +478,9 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
         out.flush()
 
     try:
-        _, timings = gpt.complete([ids], max_new_tokens, on_token=show, stop=list(stop), stop_at_eos=not ignore_eos, clip=clip, sampling=sampling)
+        _, timings = gpt.complete(
+            [ids], max_new_tokens, on_token=show, stop=list(stop), stop_at_eos=not ignore_eos, clip=clip, sampling=sampling
+        )
     except KeyboardInterrupt:
         out.write("\n")
         out.flush()
@@ -370,7 +492,7 @@ def _run_stream(gpt, ids, prompt, echo, max_new_tokens, sampling, stop, ignore_e
 
 
 def _count(n: int, word: str) -> str:
-    """"1 token", "2 tokens"."""
+    """ "1 token", "2 tokens"."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -393,7 +515,10 @@ def _load(resolved, backend, dtype, threads, quiet):
     gpt = GPT2(resolved.config, loader.load_weights(resolved, dtype), resolved.tokenizer, backend=backend, threads=threads)
     k = gpt.kernels  # compiled (on an empty cache) and loaded by the model, kept out of every timing
     seconds = time.perf_counter() - t0 - (k.child_seconds + k.seconds if k else 0.0)
-    _info(quiet, f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) in {seconds:.2f} s")
+    _info(
+        quiet,
+        f"loaded {resolved.folder} ({resolved.config.n_params / 1e6:.0f}M parameters, {gpt.dtype}, backend {backend}) in {seconds:.2f} s",
+    )
     if k and (k.compiled or k.child_seconds):
         _info(quiet, f"compiled {k.compiled or k.loaded} kernels in {k.seconds + k.child_seconds:.1f} s (cached in {k.cache_dir})")
     return gpt
@@ -436,15 +561,40 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
 @_backend_option
 @_dtype_option
 @_threads_option
-@click.option("--against", type=click.Choice(DTYPES), default=None,
-              help="Also run the model in this dtype (usually float32) and report the mean KL divergence from it "
-                   "and how often both rank the same token first.")  # fmt: skip
-@click.option("--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context).")
+@click.option(
+    "--against",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Also run the model in this dtype (usually float32) and report the mean KL divergence from it "
+    "and how often both rank the same token first.",
+)
+@click.option(
+    "--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context)."
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"} (and the comparison with --against).')
 @_dataset_options("text")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def score(file, model, models_dir, revision, backend, dtype, threads, against, stride, as_json, dataset, out, column, ray_address,
-          actors, cpus_per_actor, batch_size, verbose, quiet):  # fmt: skip
+def score(
+    file,
+    model,
+    models_dir,
+    revision,
+    backend,
+    dtype,
+    threads,
+    against,
+    stride,
+    as_json,
+    dataset,
+    out,
+    column,
+    ray_address,
+    actors,
+    cpus_per_actor,
+    batch_size,
+    verbose,
+    quiet,
+):
     """Mean negative log-likelihood and perplexity of FILE's text under the model.
 
     With --dataset, score every row of a dataset with Ray Data and write the rows with `tokens`,
@@ -454,13 +604,45 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     from .model import mean_nll
 
     _need_stdout()
-    _no_dataset_options("score", dataset, out, **{"--column": (column, "text"), "--ray-address": (ray_address, None), "--actors": (actors, None),
-                        "--cpus-per-actor": (cpus_per_actor, 1.0), "--batch-size": (batch_size, 16), "--verbose": (verbose, False)})  # fmt: skip
+    _no_dataset_options(
+        "score",
+        dataset,
+        out,
+        **{
+            "--column": (column, "text"),
+            "--ray-address": (ray_address, None),
+            "--actors": (actors, None),
+            "--cpus-per-actor": (cpus_per_actor, 1.0),
+            "--batch-size": (batch_size, 16),
+            "--verbose": (verbose, False),
+        },
+    )
     if dataset is not None:
-        _refuse_with_dataset({"FILE": file, "--against": against, "--json": as_json, "--backend numpy": backend != "numba",
-                  "--threads (use --cpus-per-actor)": threads is not None})  # fmt: skip
-        return _run_dataset("score", dataset, out, quiet, ray_address, verbose, model=_model_name(model, models_dir), column=column, dtype=dtype,
-                            revision=revision, stride=stride, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size)  # fmt: skip
+        _refuse_with_dataset(
+            {
+                "FILE": file,
+                "--against": against,
+                "--json": as_json,
+                "--backend numpy": backend != "numba",
+                "--threads (use --cpus-per-actor)": threads is not None,
+            }
+        )
+        return _run_dataset(
+            "score",
+            dataset,
+            out,
+            quiet,
+            ray_address,
+            verbose,
+            model=_model_name(model, models_dir),
+            column=column,
+            dtype=dtype,
+            revision=revision,
+            stride=stride,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            batch_size=batch_size,
+        )
     if file is None:
         raise InvalidArgumentError("score needs FILE (or --dataset IN --out OUT)")
 
@@ -479,7 +661,9 @@ def score(file, model, models_dir, revision, backend, dtype, threads, against, s
     if against is not None:
         baseline = _load(resolved, backend, against, threads, quiet)
         compared = gpt.divergence(baseline, ids, stride=stride)
-        result.update(dtype=gpt.dtype, against=baseline.dtype, kl_divergence=compared["kl_divergence"], top1_agreement=compared["top1_agreement"])
+        result.update(
+            dtype=gpt.dtype, against=baseline.dtype, kl_divergence=compared["kl_divergence"], top1_agreement=compared["top1_agreement"]
+        )
     if as_json:
         click.echo(json.dumps(result, allow_nan=False))
     else:
@@ -581,7 +765,11 @@ def warmup(threads):
 
     _need_stdout()
     done = compile_all(threads)
-    what = f"compiled {done.compiled} kernels" if done.compiled else f"loaded {done.loaded} compiled kernels from the cache (nothing to compile)"
+    what = (
+        f"compiled {done.compiled} kernels"
+        if done.compiled
+        else f"loaded {done.loaded} compiled kernels from the cache (nothing to compile)"
+    )
     click.echo(f"{what} in {done.seconds:.1f} s (cache: {done.cache_dir}; threading layer: {done.threading_layer})")
 
 
@@ -590,8 +778,13 @@ def warmup(threads):
 @click.option("-m", "--model", "model", default=None, help="Hub id or local folder (default: random weights at --shape).")
 @click.option("--shape", type=click.Choice(["124M", "355M", "774M", "1558M"]), default=None, help="Random weights at this GPT-2 shape.")
 @_threads_option
-@click.option("--dtype", "dtypes", default="float32", show_default=True,
-              help="Weight dtypes to measure side by side, comma-separated (float32,float16,bfloat16,int8).")  # fmt: skip
+@click.option(
+    "--dtype",
+    "dtypes",
+    default="float32",
+    show_default=True,
+    help="Weight dtypes to measure side by side, comma-separated (float32,float16,bfloat16,int8).",
+)
 @click.option("--prompt", "prompt_lengths", default="64,512", show_default=True, help="Prompt lengths to prefill, comma-separated.")
 @click.option("--gen", "gen", type=int, default=128, show_default=True, help="Tokens to decode per run.")
 @click.option("--reps", type=int, default=3, show_default=True, help="Repetitions (median and spread are reported).")
@@ -614,9 +807,18 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
     for d in kinds:
         if d not in DTYPES:
             raise InvalidArgumentError(f"--dtype takes comma-separated dtypes among {', '.join(DTYPES)} (got {d!r})")
-    run_bench(model=model, shape=shape or ("124M" if model is None else None), threads=threads, prompt_lengths=lengths,
-              gen=gen, reps=reps, reference=reference, peers=peers, dtypes=kinds or ["float32"],
-              fmt="json" if as_json else "csv" if as_csv else "table")  # fmt: skip
+    run_bench(
+        model=model,
+        shape=shape or ("124M" if model is None else None),
+        threads=threads,
+        prompt_lengths=lengths,
+        gen=gen,
+        reps=reps,
+        reference=reference,
+        peers=peers,
+        dtypes=kinds or ["float32"],
+        fmt="json" if as_json else "csv" if as_csv else "table",
+    )
 
 
 # --------------------------------------------------------------------------- serve
@@ -719,7 +921,9 @@ def _need_stdout() -> None:
         except (OSError, ValueError):
             closed = True
     if closed:
-        raise InvalidArgumentError("stdout is closed, so the results would be lost; redirect it to a file (or to /dev/null to discard them)")
+        raise InvalidArgumentError(
+            "stdout is closed, so the results would be lost; redirect it to a file (or to /dev/null to discard them)"
+        )
 
 
 def _silence_stdout() -> None:

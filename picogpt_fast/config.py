@@ -84,7 +84,7 @@ class GPT2Config:
         return self.n_vocab * e + self.n_ctx * e + self.n_layer * per_layer + 2 * e
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPT2Config":
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> GPT2Config:
         """Build from a Hugging Face GPT-2 config.json dictionary."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} is not a JSON object")
@@ -110,8 +110,7 @@ class GPT2Config:
         ):
             if bool(c[key]) != wanted:
                 raise ConfigError(
-                    f"{source}: {key}={_short(c[key])} is not supported; picogpt-fast computes GPT-2 "
-                    f"attention with {key}={wanted}"
+                    f"{source}: {key}={_short(c[key])} is not supported; picogpt-fast computes GPT-2 attention with {key}={wanted}"
                 )
         return cls(
             n_vocab=c["vocab_size"],
@@ -124,7 +123,7 @@ class GPT2Config:
         )
 
     @classmethod
-    def from_hparams(cls, d: dict, source: str = "hparams.json") -> "GPT2Config":
+    def from_hparams(cls, d: dict, source: str = "hparams.json") -> GPT2Config:
         """Build from picoGPT / OpenAI's hparams.json (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} is not a JSON object")
@@ -141,7 +140,7 @@ class GPT2Config:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GPT2Config":
+    def from_file(cls, path: str | Path) -> GPT2Config:
         """Read config.json (Hugging Face) or hparams.json (OpenAI / picoGPT)."""
         path = Path(path)
         d = read_json(path, ConfigError)
@@ -153,7 +152,7 @@ class GPT2Config:
             raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
     @classmethod
-    def from_shape(cls, name: str) -> "GPT2Config":
+    def from_shape(cls, name: str) -> GPT2Config:
         """GPT-2's published shapes by picoGPT's size names (124M, 355M, 774M, 1558M)."""
         if name not in SHAPES:
             raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")

@@ -25,8 +25,8 @@ import numpy as np
 
 from . import tensors
 from .config import GPT2Config
-from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8  # the format codes the kernels dispatch on (no Numba)
 from .errors import CheckpointError
+from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8  # the format codes the kernels dispatch on (no Numba)
 from .weights import GPT2Weights, LayerWeights
 
 F32 = np.float32
@@ -80,7 +80,7 @@ class EngineWeights:
     sources: list = field(default_factory=list, repr=False)  # memory maps the arrays view
     verification: object = field(default=None, repr=False)  # a cache file's checksum, being checked (cache.Verification)
 
-    def verified(self) -> "EngineWeights":
+    def verified(self) -> EngineWeights:
         """These weights once the checksum of the file they map is confirmed (at once if they are in
         memory); a corrupt cache entry's replacement otherwise (cache.py)."""
         if self.verification is None:
@@ -117,14 +117,15 @@ class EngineWeights:
         return out
 
     @classmethod
-    def from_tensors(cls, arrays: dict[str, np.ndarray], dtype: str, config: GPT2Config, source: str, sources=()) -> "EngineWeights":
+    def from_tensors(cls, arrays: dict[str, np.ndarray], dtype: str, config: GPT2Config, source: str, sources=()) -> EngineWeights:
         """Rebuild from `tensors()` output, checking every name, shape and dtype against the config."""
         want = expected(config, dtype, tied="lm_head" not in arrays)
         problems = [f"missing {n}" for n in want if n not in arrays] + [f"unexpected {n}" for n in arrays if n not in want]
         problems += [
             f"{n} is {a.dtype} {list(a.shape)} (expected {want[n][0]} {list(want[n][1])})"
-            for n, a in arrays.items() if n in want and (a.dtype != want[n][0] or a.shape != want[n][1])
-        ]  # fmt: skip
+            for n, a in arrays.items()
+            if n in want and (a.dtype != want[n][0] or a.shape != want[n][1])
+        ]
         if problems:
             raise CheckpointError(f"{source} does not hold {dtype} weights for this config: {', '.join(problems[:4])}")
         empty = _empty_scale()
@@ -135,9 +136,13 @@ class EngineWeights:
         wte = matrix("wte")
         values = {f.name: arrays[f.name] for f in fields(cls) if f.name in arrays and f.name not in ("wte", "lm_head", *MATRICES)}
         return cls(
-            dtype=dtype, wte=wte, lm_head=matrix("lm_head") if "lm_head" in arrays else wte,
-            **{name: matrix(name) for name in MATRICES}, **values, sources=list(sources),
-        )  # fmt: skip
+            dtype=dtype,
+            wte=wte,
+            lm_head=matrix("lm_head") if "lm_head" in arrays else wte,
+            **{name: matrix(name) for name in MATRICES},
+            **values,
+            sources=list(sources),
+        )
 
 
 def _empty_scale() -> np.ndarray:
@@ -240,13 +245,15 @@ def prepare(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeigh
 
     wte = convert(weights.wte, dtype, "wte")
     ew = EngineWeights(
-        dtype=dtype, wte=wte,
+        dtype=dtype,
+        wte=wte,
         lm_head=wte if weights.tied else convert(weights.lm_head, dtype, tensors.LM_HEAD.hf),
         wpe=weights.wpe,
         **{name: stack(source) for name, source in MATRICES.items()},
         **{name: np.stack([getattr(lw, name) for lw in layers]) for name in VECTORS},
-        ln_f_g=weights.ln_f_g, ln_f_b=weights.ln_f_b,
-    )  # fmt: skip
+        ln_f_g=weights.ln_f_g,
+        ln_f_b=weights.ln_f_b,
+    )
     return readonly(ew)
 
 

@@ -18,11 +18,10 @@ import threading
 import time
 from typing import NamedTuple
 
-from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
-import numba
 import numpy as np
 
 from . import kernels as K
+from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 from . import threads as T
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix
@@ -135,15 +134,21 @@ class NumbaBackend:
             return Linear(*m.layer(i), bias[i])
 
         self.blocks = [
-            Block((w.ln_1_g[i], w.ln_1_b[i]), linear(w.attn_w, w.attn_b, i), linear(w.attn_proj_w, w.attn_proj_b, i),
-                  (w.ln_2_g[i], w.ln_2_b[i]), linear(w.fc_w, w.fc_b, i), linear(w.mlp_proj_w, w.mlp_proj_b, i))
+            Block(
+                (w.ln_1_g[i], w.ln_1_b[i]),
+                linear(w.attn_w, w.attn_b, i),
+                linear(w.attn_proj_w, w.attn_proj_b, i),
+                (w.ln_2_g[i], w.ln_2_b[i]),
+                linear(w.fc_w, w.fc_b, i),
+                linear(w.mlp_proj_w, w.mlp_proj_b, i),
+            )
             for i in range(config.n_layer)
-        ]  # fmt: skip
+        ]
         no_bias = np.zeros(config.n_vocab, F32)  # the output projection has none
         no_bias.flags.writeable = False
         self.ln_f, self.head = (w.ln_f_g, w.ln_f_b), Linear(w.lm_head.data, w.lm_head.scale, no_bias)
 
-    def session(self, n_seq: int = 1, capacity: int = 0) -> "NumbaSession":
+    def session(self, n_seq: int = 1, capacity: int = 0) -> NumbaSession:
         return NumbaSession(self, n_seq, capacity)
 
 
@@ -157,7 +162,7 @@ class KVCache:
         self.k = np.zeros((L, n_seq, H, capacity, D), F32)
         self.v = np.zeros((L, n_seq, H, capacity, D), F32)
 
-    def grown(self, config: GPT2Config, capacity: int) -> "KVCache":
+    def grown(self, config: GPT2Config, capacity: int) -> KVCache:
         """A larger cache holding this one's contents."""
         new = KVCache(config, self.k.shape[1], capacity)
         new.k[:, :, :, : self.capacity] = self.k[:, :, :, : self.capacity]
@@ -347,7 +352,9 @@ class NumbaSession(Session):
         threads, each on one Numba thread: a parallel kernel here would leave OpenMP's workers
         spinning on the cores that the BLAS blocks that follow need."""
         per = -(-rows // (PROMPT_COLUMN_BLOCKS * K.PACK)) * K.PACK
-        T.run_blocks([lambda r0=r0: work(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)], self.backend.block_threads or self.threads)
+        T.run_blocks(
+            [lambda r0=r0: work(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)], self.backend.block_threads or self.threads
+        )
 
     def _column_blocks(self, N: int, block) -> None:
         """Run block(j0, j1) for PROMPT_COLUMN_BLOCKS column ranges of N outputs on the team's threads.

@@ -132,8 +132,18 @@ class Sequence:
     `finish()` releases the rest. `run` below drives a batch of these; the server's scheduler drives
     them one decode step at a time, so both give each prompt the same tokens."""
 
-    def __init__(self, prompt: list[int], budget: int, params: SamplingParams, tokenizer: Tokenizer | None, *,
-                 stop: list[str], stop_at_eos: bool, eos_id: int | None, logprobs: int):  # fmt: skip
+    def __init__(
+        self,
+        prompt: list[int],
+        budget: int,
+        params: SamplingParams,
+        tokenizer: Tokenizer | None,
+        *,
+        stop: list[str],
+        stop_at_eos: bool,
+        eos_id: int | None,
+        logprobs: int,
+    ):
         self.completion = Completion(prompt_ids=list(prompt))
         self.budget, self.params, self.tokenizer = budget, params, tokenizer
         self.stop_at_eos, self.eos_id, self.logprobs = stop_at_eos, eos_id, logprobs
@@ -207,7 +217,10 @@ def run(
     stop = [s for s in (stop or []) if s]
     assert tokenizer is not None or not stop
     timings = timings if timings is not None else Timings()
-    seqs = [Sequence(p, b, params, tokenizer, stop=stop, stop_at_eos=stop_at_eos, eos_id=eos_id, logprobs=logprobs) for p, b in zip(prompts, budgets)]
+    seqs = [
+        Sequence(p, b, params, tokenizer, stop=stop, stop_at_eos=stop_at_eos, eos_id=eos_id, logprobs=logprobs)
+        for p, b in zip(prompts, budgets)
+    ]
     if completions is not None:
         completions[:] = [s.completion for s in seqs]
     active = []

@@ -44,7 +44,7 @@ class ModelFiles:
     merges: Path
 
     @classmethod
-    def of(cls, folder: Path) -> "ModelFiles":
+    def of(cls, folder: Path) -> ModelFiles:
         config, _, vocab, merges = OPENAI_FILES if _openai_layout(folder) else (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
         return cls(folder / config, folder / vocab, folder / merges)
 
@@ -133,8 +133,7 @@ def _snapshot(repo_id: str, label: str, revision: str | None, allow_patterns: li
         ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(
-            f"model {label}: no Hub repo {repo_id} (or it is private); check the name, log in for private "
-            "repos, or pass a local folder"
+            f"model {label}: no Hub repo {repo_id} (or it is private); check the name, log in for private repos, or pass a local folder"
         ) from None
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"model {label}: the Hub repo {repo_id} has no revision {revision!r}; check --revision") from None
@@ -147,8 +146,7 @@ def _snapshot(repo_id: str, label: str, revision: str | None, allow_patterns: li
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(
-            f"model {label}{at} could not be downloaded ({type(e).__name__}: {_first_line(e)}); "
-            "connect, or pass a local folder"
+            f"model {label}{at} could not be downloaded ({type(e).__name__}: {_first_line(e)}); connect, or pass a local folder"
         ) from None
     return Path(folder)
 

@@ -70,9 +70,11 @@ def load_weights(model: Resolved, dtype: str | None = None) -> dtypes.EngineWeig
     if model.converted is not None:
         return cache.read(model.folder / "model.safetensors", model.config, dtype)
     return cache.engine_weights(
-        checkpoint_files(model.folder), model.config, dtype,
+        checkpoint_files(model.folder),
+        model.config,
+        dtype,
         build=lambda: dtypes.prepare(load_checkpoint(model.folder, model.config).check(model.config), model.config, dtype),
-    )  # fmt: skip
+    )
 
 
 def convert(model: Resolved, dtype: str, out: Path) -> Path:

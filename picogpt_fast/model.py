@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class GPT2:
         dtype: str | None = None,
         revision: str | None = None,
         threads: int | None = None,
-    ) -> "GPT2":
+    ) -> GPT2:
         """Load a local folder (Hugging Face's or picoGPT's layout, or one written by `picogpt-fast
         convert`) or a Hub id (gpt2, gpt2-medium, ..., distilgpt2, 124M..1558M, any fine-tune).
 
@@ -213,9 +213,18 @@ class GPT2:
         budgets = [validate.context(len(p), max_new_tokens, self.config.n_ctx, clip) for p in ids]
         with self._session(len(ids), max((len(p) + b for p, b in zip(ids, budgets)), default=1)) as session:
             yield from generation.run(
-                session, self.tokenizer, ids, budgets, params, stop=stop, stop_at_eos=stop_at_eos, eos_id=self.eos_id,
-                logprobs=logprobs, timings=timings, completions=completions,
-            )  # fmt: skip
+                session,
+                self.tokenizer,
+                ids,
+                budgets,
+                params,
+                stop=stop,
+                stop_at_eos=stop_at_eos,
+                eos_id=self.eos_id,
+                logprobs=logprobs,
+                timings=timings,
+                completions=completions,
+            )
 
     def generate(self, ids: Sequence[int] | str, max_new_tokens: int = 40, **kwargs) -> list[int]:
         """Greedy by default; returns only the new ids (without a final <|endoftext|>).
@@ -262,12 +271,12 @@ class GPT2:
         """
         ids = self._ids(ids)
         out = np.full(max(len(ids) - 1, 0), np.nan)
-        for window, logits, first, end in self._windows(ids, stride):
+        for _, logits, first, end in self._windows(ids, stride):
             targets = np.asarray(ids[first:end], dtype=np.int64)
             out[first - 1 : end - 1] = token_logprobs(validate.finite_logits(logits), targets)
         return out
 
-    def divergence(self, baseline: "GPT2", ids: Sequence[int] | str, stride: int | None = None) -> dict:
+    def divergence(self, baseline: GPT2, ids: Sequence[int] | str, stride: int | None = None) -> dict:
         """How far this model's next-token distributions are from `baseline`'s (typically this model
         in float32) on the same text, over the tokens `score` scores: the mean KL(P_baseline || P_self)
         in nats (what llama.cpp's `llama-perplexity --kl-divergence` reports) and the fraction of
@@ -289,7 +298,11 @@ class GPT2:
         n, n_ctx = len(ids), self.config.n_ctx
         if n < 2:
             raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
-        stride = max(n_ctx // 2, 1) if stride is None else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
+        stride = (
+            max(n_ctx // 2, 1)
+            if stride is None
+            else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
+        )
         prev_end = 0
         with self._session(1, min(n, n_ctx)) as session:
             for begin in range(0, n, stride):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from . import validate
 from .errors import PicoGPTError
-from .generation import Completion, start_ids
+from .generation import start_ids
 from .sampling import SamplingParams
 
 MAX_LOGPROBS = 20
@@ -25,9 +25,26 @@ FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
 # Extensions beside OpenAI's parameters, as llama.cpp's server and vLLM accept them.
 EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "ignore_eos")
 FIELDS = (
-    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "echo",
-    "stop", "seed", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "suffix", "user", *EXTENSIONS,
-)  # fmt: skip
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "echo",
+    "stop",
+    "seed",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "suffix",
+    "user",
+    *EXTENSIONS,
+)
 
 
 class ApiError(Exception):
@@ -67,7 +84,9 @@ class Job:
 
     def sequence(self, index: int) -> tuple[list[int], SamplingParams]:
         """The prompt and sampling of sequence `index` (choice index % n of prompt index // n)."""
-        params = self.params if self.params.seed is None else SamplingParams(**{**vars(self.params), "seed": self.params.seed + index % self.n})
+        params = (
+            self.params if self.params.seed is None else SamplingParams(**{**vars(self.params), "seed": self.params.seed + index % self.n})
+        )
         return self.prompts[index // self.n], params
 
 
@@ -104,8 +123,12 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
         raise ApiError(400, f"unknown parameter '{unknown[0]}'; this server takes {', '.join(FIELDS)}", param=unknown[0])
     model = body.get("model")
     if model is not None and model not in served:
-        raise ApiError(404, f"the model '{str(model)[:80]}' does not exist here; this server serves '{served[0]}' (GET /v1/models)",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"the model '{str(model)[:80]}' does not exist here; this server serves '{served[0]}' (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     for name, off in (("presence_penalty", 0), ("frequency_penalty", 0)):
         if _get(body, name, (int, float), off, "a number") != off:
             raise ApiError(400, f"'{name}' is not supported (only 0); use 'repetition_penalty'", param=name)
@@ -151,14 +174,22 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
 
     prompts, texts = _prompts(body.get("prompt"), tokenizer, n_vocab)
     if len(prompts) * n > max_sequences:
-        raise ApiError(400, f"this request asks for {len(prompts) * n} sequences (prompts x n); this server takes at most {max_sequences} per request", param="n")
+        raise ApiError(
+            400,
+            f"this request asks for {len(prompts) * n} sequences (prompts x n); this server takes at most {max_sequences} per request",
+            param="n",
+        )
     for ids in prompts:
         try:
             validate.context(len(ids), max_tokens, n_ctx, clip=False)
         except PicoGPTError:
-            raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens, however you requested {len(ids) + max_tokens} tokens "
-                           f"({len(ids)} in your prompt; {max_tokens} for the completion). Please reduce your prompt or completion length.",
-                           param="max_tokens" if len(ids) < n_ctx else "prompt", code="context_length_exceeded") from None  # fmt: skip
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {n_ctx} tokens, however you requested {len(ids) + max_tokens} tokens "
+                f"({len(ids)} in your prompt; {max_tokens} for the completion). Please reduce your prompt or completion length.",
+                param="max_tokens" if len(ids) < n_ctx else "prompt",
+                code="context_length_exceeded",
+            ) from None
     return Job(prompts, texts, n, max_tokens, params, stop, stop_at_eos, logprobs, echo, stream, include_usage, served[0])
 
 
@@ -179,7 +210,11 @@ def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
-        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids (not empty)", param="prompt")
+        raise ApiError(
+            400,
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids (not empty)",
+            param="prompt",
+        )
     try:
         if all(isinstance(p, str) for p in prompt):
             return [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompt], list(prompt)
@@ -278,8 +313,12 @@ class Choice:
 
     def final(self) -> dict:
         """The whole choice (a response that is not streamed)."""
-        return {"text": self.text, "index": self.index, "logprobs": self.logprobs if self.job.logprobs is not None else None,
-                "finish_reason": self.finish_reason}  # fmt: skip
+        return {
+            "text": self.text,
+            "index": self.index,
+            "logprobs": self.logprobs if self.job.logprobs is not None else None,
+            "finish_reason": self.finish_reason,
+        }
 
 
 def usage(job: Job, choices: list[Choice]) -> dict:
@@ -302,5 +341,11 @@ def piece(index: int, text: str, logprobs: dict | None, finish_reason: str | Non
 
 def response(job: Job, choices: list[Choice]) -> dict:
     """The whole response of a request that is not streamed."""
-    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": [c.final() for c in choices], "usage": usage(job, choices)}  # fmt: skip
+    return {
+        "id": job.id,
+        "object": "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [c.final() for c in choices],
+        "usage": usage(job, choices),
+    }

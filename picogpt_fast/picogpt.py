@@ -29,7 +29,7 @@ from .model import GPT2
 from .reference import params_from_weights
 from .weights import GPT2Weights, LayerWeights
 
-__all__ = ["gpt2", "generate", "load_encoder_hparams_and_params"]
+__all__ = ["generate", "gpt2", "load_encoder_hparams_and_params"]
 
 # id(wte) -> (the params' leaf arrays, kept alive so ids stay unique, and the engine model)
 _models: dict[int, tuple[list[np.ndarray], GPT2]] = {}
@@ -54,9 +54,13 @@ def _engine(wte, wpe, blocks, ln_f, n_head) -> GPT2:
             return hit[1]
     weights = _weights_from_params(wte, wpe, blocks, ln_f)
     config = GPT2Config(
-        n_vocab=wte.shape[0], n_ctx=wpe.shape[0], n_embd=wte.shape[1], n_head=int(n_head),
-        n_layer=len(blocks), n_inner=weights.layers[0].fc_w.shape[1] if blocks else 0,
-    )  # fmt: skip
+        n_vocab=wte.shape[0],
+        n_ctx=wpe.shape[0],
+        n_embd=wte.shape[1],
+        n_head=int(n_head),
+        n_layer=len(blocks),
+        n_inner=weights.layers[0].fc_w.shape[1] if blocks else 0,
+    )
     model = GPT2(config, weights)
     _models[id(wte)] = (leaves, model)
     return model
@@ -99,5 +103,11 @@ def load_encoder_hparams_and_params(model_size, models_dir):
     model = GPT2(config, loader.load_weights(resolved, "float32"), encoder)
     params = params_from_weights(model.weights)  # views of the engine's float32 weights, in picoGPT's layout
     _models[id(params["wte"])] = (_leaves(params["wte"], params["wpe"], params["blocks"], params["ln_f"]), model)
-    hparams = {"n_vocab": config.n_vocab, "n_ctx": config.n_ctx, "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer}
+    hparams = {
+        "n_vocab": config.n_vocab,
+        "n_ctx": config.n_ctx,
+        "n_embd": config.n_embd,
+        "n_head": config.n_head,
+        "n_layer": config.n_layer,
+    }
     return encoder, hparams, params

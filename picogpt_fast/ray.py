@@ -45,7 +45,7 @@ READERS = {".parquet": "read_parquet", ".jsonl": "read_json", ".json": "read_jso
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as e:
         raise InvalidArgumentError(f"datasets need the [ray] extra ({e.name} is missing): pip install 'picogpt-fast[ray]'") from None
     return ray
@@ -121,7 +121,9 @@ class _Generator(_Actor):
             for i, c in zip(good, completions):
                 rows[i].update(text=c.text, ids=c.ids, stop_reason=c.stop_reason)
         out = {name: [r[name] for r in rows] for name in GENERATE_COLUMNS}
-        return _with_columns(self._visible(table), out, {"text": "string", "ids": "list<int64>", "stop_reason": "string", "error": "string"})
+        return _with_columns(
+            self._visible(table), out, {"text": "string", "ids": "list<int64>", "stop_reason": "string", "error": "string"}
+        )
 
 
 def score_text(model, text, stride: int | None = None) -> dict:
@@ -161,8 +163,18 @@ def _arrow_type(name: str):
 
 
 # --------------------------------------------------------------------------- the public functions
-def score_dataset(ds, model: str, column: str = "text", *, dtype: str | None = None, revision: str | None = None,
-                  stride: int | None = None, actors: int | None = None, cpus_per_actor: float = 1, batch_size: int = 16):  # fmt: skip
+def score_dataset(
+    ds,
+    model: str,
+    column: str = "text",
+    *,
+    dtype: str | None = None,
+    revision: str | None = None,
+    stride: int | None = None,
+    actors: int | None = None,
+    cpus_per_actor: float = 1,
+    batch_size: int = 16,
+):
     """`ds` with `tokens`, `nll` (mean negative log-likelihood, nats), `perplexity` and `error` added to
     every row, from the text in `column`. Text longer than the context is scored in sliding windows
     (`stride`, as `GPT2.score`). `actors` model replicas of `cpus_per_actor` CPUs each (default: as
@@ -173,19 +185,48 @@ def score_dataset(ds, model: str, column: str = "text", *, dtype: str | None = N
     return _map(ds, _Scorer, model, dtype, revision, column, SCORE_COLUMNS, actors, cpus_per_actor, batch_size, (column, stride))
 
 
-def generate_dataset(ds, model: str, column: str = "prompt", *, max_new_tokens: int = 40, dtype: str | None = None,
-                     revision: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-                     stop_at_eos: bool = True, actors: int | None = None, cpus_per_actor: float = 1, batch_size: int = 16):  # fmt: skip
+def generate_dataset(
+    ds,
+    model: str,
+    column: str = "prompt",
+    *,
+    max_new_tokens: int = 40,
+    dtype: str | None = None,
+    revision: str | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop=None,
+    stop_at_eos: bool = True,
+    actors: int | None = None,
+    cpus_per_actor: float = 1,
+    batch_size: int = 16,
+):
     """`ds` with `text` (the continuation), `ids` (its token ids), `stop_reason` ("length", "eos" or
     "stop") and `error` added to every row, from the prompt in `column`. Sampling options as for
     `GPT2.generate`; with a seed, every row is sampled with that seed (as alone)."""
     config = check_model(model, dtype, revision)
     validate.integer("max_new_tokens", max_new_tokens, 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    sampling = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
+    )
     options = {"sampling": sampling, "stop": validate.strings("stop", stop), "stop_at_eos": bool(stop_at_eos)}
-    return _map(ds, _Generator, model, dtype, revision, column, GENERATE_COLUMNS, actors, cpus_per_actor, batch_size,
-                (column, max_new_tokens, options))  # fmt: skip
+    return _map(
+        ds,
+        _Generator,
+        model,
+        dtype,
+        revision,
+        column,
+        GENERATE_COLUMNS,
+        actors,
+        cpus_per_actor,
+        batch_size,
+        (column, max_new_tokens, options),
+    )
 
 
 def check_model(model, dtype, revision):
@@ -215,12 +256,18 @@ def _map(ds, actor, model, dtype, revision, column, outputs, actors, cpus_per_ac
         actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
     threads = max(1, math.ceil(cpus_per_actor))
     return ds.map_batches(
-        actor, fn_constructor_args=(str(model), dtype, revision, threads, *args), batch_size=batch_size, batch_format="pyarrow",
+        actor,
+        fn_constructor_args=(str(model), dtype, revision, threads, *args),
+        batch_size=batch_size,
+        batch_format="pyarrow",
         # The pool starts one actor short of `actors` and grows when the input is flowing: with every
         # CPU held by an actor, the tasks that read the input (one CPU each) could never run.
-        compute=ray.data.ActorPoolStrategy(min_size=max(1, actors - 1), max_size=actors), num_cpus=cpus_per_actor,
-        runtime_env={"env_vars": {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}},
-    )  # fmt: skip
+        compute=ray.data.ActorPoolStrategy(min_size=max(1, actors - 1), max_size=actors),
+        num_cpus=cpus_per_actor,
+        runtime_env={
+            "env_vars": {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+        },
+    )
 
 
 def check_pool(actors, cpus_per_actor, batch_size) -> None:
@@ -260,7 +307,11 @@ def check_column(dataset: str, column: str) -> None:
         return
     suffix = _input_format(dataset)
     path = Path(dataset)
-    first = path if path.is_file() else min(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == suffix and not p.name.startswith((".", "_")))
+    first = (
+        path
+        if path.is_file()
+        else min(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == suffix and not p.name.startswith((".", "_")))
+    )
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -311,7 +362,9 @@ def _input_format(path: str) -> str:
         suffixes = {p.suffix.lower() for p in Path(path).iterdir() if p.is_file() and not p.name.startswith((".", "_"))}
         known = suffixes & set(READERS)
         if len(known) != 1:
-            raise InvalidArgumentError(f"{path} holds no .parquet, .jsonl, .json or .csv files (or a mix of them); pass a file or a folder of one format")
+            raise InvalidArgumentError(
+                f"{path} holds no .parquet, .jsonl, .json or .csv files (or a mix of them); pass a file or a folder of one format"
+            )
         suffix = known.pop()
     if suffix is None:
         raise InvalidArgumentError(f"cannot tell the format of {path}; name a .parquet, .jsonl, .json or .csv file, or a folder of them")
@@ -353,7 +406,7 @@ def _parse_json_lines(table, column: str):
     import pyarrow as pa
 
     rows, errors = [], []
-    for n, line in enumerate(table.column("text").to_pylist()):
+    for line in table.column("text").to_pylist():
         error = None
         try:
             item = json.loads(line)
@@ -366,7 +419,10 @@ def _parse_json_lines(table, column: str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                item, error = {**item, column: None}, f"the text holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not valid Unicode"
+                item, error = (
+                    {**item, column: None},
+                    f"the text holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not valid Unicode",
+                )
         elif column in item:  # a number, a list, ...: not text; null is reported by the actor
             item, error = {**item, column: None}, error or (None if value is None else _not_text(value))
         rows.append(item)
@@ -510,7 +566,7 @@ def one_line_errors():
         yield
     except (PicoGPTError, KeyboardInterrupt):
         raise
-    except Exception as e:  # noqa: BLE001 - Ray wraps what failed in a worker
+    except Exception as e:
         cause, seen = e, set()
         while cause is not None and id(cause) not in seen and not isinstance(cause, PicoGPTError):
             seen.add(id(cause))
@@ -537,7 +593,9 @@ def connect(address: str | None, verbose: bool = False) -> None:
         try:
             ray.init(address=address, log_to_driver=verbose, logging_level=level)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise InvalidArgumentError(f"cannot connect to Ray at {address!r} ({str(e).splitlines()[0][:150]}); start it with `ray start --head` or check --ray-address") from None
+            raise InvalidArgumentError(
+                f"cannot connect to Ray at {address!r} ({str(e).splitlines()[0][:150]}); start it with `ray start --head` or check --ray-address"
+            ) from None
         for name in ("ray", "ray.data"):  # ray.init configures its loggers anew
             logging.getLogger(name).setLevel(level)
     ray.data.DataContext.get_current().enable_progress_bars = verbose

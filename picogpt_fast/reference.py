@@ -163,7 +163,7 @@ class ReferenceBackend:
     def forward(self, ids: np.ndarray) -> np.ndarray:  # [n] -> [n, n_vocab]
         return gpt2(ids, **self.params, n_head=self.config.n_head, eps=self.config.layer_norm_epsilon, lm_head=self.lm_head)
 
-    def session(self, n_seq: int = 1, capacity: int = 0) -> "ReferenceSession":
+    def session(self, n_seq: int = 1, capacity: int = 0) -> ReferenceSession:
         return ReferenceSession(self, n_seq, capacity)
 
 

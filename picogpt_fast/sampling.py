@@ -15,7 +15,6 @@ import numpy as np
 
 from . import validate
 
-
 # A penalty beyond these would push float32 logits past float32's range; no useful penalty is near them.
 PENALTY_RANGE = (1e-6, 1e6)
 
@@ -39,7 +38,11 @@ class SamplingParams:
         if not 0 <= v.real("min_p", self.min_p) <= 1:
             raise v.invalid("min_p", self.min_p, "must be in [0, 1] (0 means off)")
         if not PENALTY_RANGE[0] <= v.real("repetition_penalty", self.repetition_penalty) <= PENALTY_RANGE[1]:
-            raise v.invalid("repetition_penalty", self.repetition_penalty, f"must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 means off)")
+            raise v.invalid(
+                "repetition_penalty",
+                self.repetition_penalty,
+                f"must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 means off)",
+            )
         if self.seed is not None:
             v.integer("seed", self.seed, 0, rule="must be a non-negative integer")
 

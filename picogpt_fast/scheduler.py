@@ -24,8 +24,8 @@ import collections
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None  # the thread running the loop
         self.finished = threading.Event()
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         """Run the loop on a new thread."""
         threading.Thread(target=self.run, name="picogpt-fast scheduler", daemon=True).start()
         return self
@@ -175,7 +175,16 @@ class Scheduler:
             for i, slot in enumerate(self.slots):
                 if slot is None and self.queue and self.running:
                     r, m = self.queue.popleft(), self.model
-                    seq = Sequence(r.prompt, r.budget, r.params, m.tokenizer, stop=r.stop, stop_at_eos=r.stop_at_eos, eos_id=m.eos_id, logprobs=r.logprobs)
+                    seq = Sequence(
+                        r.prompt,
+                        r.budget,
+                        r.params,
+                        m.tokenizer,
+                        stop=r.stop,
+                        stop_at_eos=r.stop_at_eos,
+                        eos_id=m.eos_id,
+                        logprobs=r.logprobs,
+                    )
                     self.slots[i] = _Slot(r, seq)
                     self.session.reset(i)
             self._gauges()

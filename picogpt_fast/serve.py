@@ -63,9 +63,11 @@ class Metrics:
         Gauge("picogpt_fast_batch_slots", "Batch slots (--max-batch)", registry=r).set(max_batch)
         self.queue = Gauge("picogpt_fast_queue_depth", "Sequences waiting for a slot", registry=r)
         self.ttft = Histogram(
-            "picogpt_fast_time_to_first_token_seconds", "From a request's arrival to its first chosen token",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
-        )  # fmt: skip
+            "picogpt_fast_time_to_first_token_seconds",
+            "From a request's arrival to its first chosen token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
 
     # called by the scheduler
     def first_token(self, seconds: float) -> None:
@@ -131,7 +133,9 @@ class Server:
         if self.scheduler_thread:
             self.scheduler.start()
         warm = threading.Event()  # one short request, so that the first client does not pay for first calls
-        self.scheduler.submit([Request([self.model.eos_id], 2, SamplingParams(), lambda kind, _: kind in ("done", "error") and warm.set(), counted=False)])
+        self.scheduler.submit(
+            [Request([self.model.eos_id], 2, SamplingParams(), lambda kind, _: kind in ("done", "error") and warm.set(), counted=False)]
+        )
         await asyncio.to_thread(warm.wait)
         self.ready = True
         yield
@@ -155,7 +159,9 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
         ]
-        return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={HTTPException: _http_error, Exception: self._internal_error})
+        return Starlette(
+            routes=routes, lifespan=self.lifespan, exception_handlers={HTTPException: _http_error, Exception: self._internal_error}
+        )
 
     # ------------------------------------------------------------------ routes
     async def playground(self, request: HTTPRequest) -> Response:
@@ -198,7 +204,9 @@ class Server:
 
     async def _job(self, request: HTTPRequest) -> openai.Job:
         if self.draining or not self.ready:
-            raise ApiError(503, "the server is shutting down" if self.draining else "the server is still loading; retry shortly", kind="server_error")
+            raise ApiError(
+                503, "the server is shutting down" if self.draining else "the server is still loading; retry shortly", kind="server_error"
+            )
         raw = bytearray()
         try:
             async for part in request.stream():  # counted as it arrives, with or without a Content-Length
@@ -213,15 +221,28 @@ class Server:
             raise ApiError(400, f"the request body is not valid JSON ({str(e)[:100]})") from None
         m = self.model
         return await asyncio.to_thread(  # tokenizing a long prompt should not hold up other streams
-            openai.parse_completion, body, served=self.names, tokenizer=m.tokenizer, n_ctx=m.config.n_ctx, n_vocab=m.config.n_vocab,
+            openai.parse_completion,
+            body,
+            served=self.names,
+            tokenizer=m.tokenizer,
+            n_ctx=m.config.n_ctx,
+            n_vocab=m.config.n_vocab,
             max_sequences=self.scheduler.max_queue,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _request(job: openai.Job, index: int, sink) -> Request:
         prompt, params = job.sequence(index)
-        return Request(prompt, job.max_tokens, params, sink, stop=job.stop, stop_at_eos=job.stop_at_eos,
-                       logprobs=0 if job.logprobs is None else max(job.logprobs, 1), prompt_logprobs=job.echo and job.logprobs is not None)  # fmt: skip
+        return Request(
+            prompt,
+            job.max_tokens,
+            params,
+            sink,
+            stop=job.stop,
+            stop_at_eos=job.stop_at_eos,
+            logprobs=0 if job.logprobs is None else max(job.logprobs, 1),
+            prompt_logprobs=job.echo and job.logprobs is not None,
+        )
 
     async def _pieces(self, job, choices, requests, events):
         """The one consumer of a job's events, for streamed and whole responses alike: yields
@@ -313,20 +334,25 @@ async def _wait_disconnect(request: HTTPRequest) -> None:
 
 
 async def _http_error(request, exc: HTTPException) -> Response:
-    messages = {404: f"no route {request.url.path}; this server has /, /v1/completions, /v1/models, /health and /metrics",
-                405: f"{request.method} is not allowed on {request.url.path}"}  # fmt: skip
+    messages = {
+        404: f"no route {request.url.path}; this server has /, /v1/completions, /v1/models, /health and /metrics",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
     return _error(ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail))))
 
 
-def serve(model, names, host: str, port: int, max_batch: int, max_queue: int, shutdown_grace: float, log_level: str = "info", on_listening=None) -> None:
+def serve(
+    model, names, host: str, port: int, max_batch: int, max_queue: int, shutdown_grace: float, log_level: str = "info", on_listening=None
+) -> None:
     """Run the server until SIGINT or SIGTERM: then stop taking requests, let the running ones
     finish for up to `shutdown_grace` seconds, cancel the rest, and return. `on_listening()` is
     called once the socket is bound and the model warmed up."""
     import uvicorn
 
     state = Server(model, names, max_batch, max_queue, shutdown_grace, scheduler_thread=False)
-    config = uvicorn.Config(state.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace + FLUSH_S,
-                            lifespan="on")  # fmt: skip
+    config = uvicorn.Config(
+        state.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace + FLUSH_S, lifespan="on"
+    )
     server = uvicorn.Server(config)
     web = threading.Thread(target=server.run, name="picogpt-fast http", daemon=True)  # no signal handlers off the main thread
     interrupted = []

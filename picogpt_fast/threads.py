@@ -20,10 +20,12 @@ import os
 import threading
 from contextlib import contextmanager
 
-from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 import numba
 
-from . import validate
+from . import (
+    numba_env,  # noqa: F401  (checks Numba's environment variables before Numba reads them)
+    validate,
+)
 from .errors import ConcurrencyError
 
 
@@ -74,10 +76,13 @@ def check(threads) -> int:
     if threads is None:
         return max_threads()
     return validate.integer(
-        "threads", threads, 1, max_threads(),
+        "threads",
+        threads,
+        1,
+        max_threads(),
         rule=f"must be between 1 and {max_threads()} (the NUMBA_NUM_THREADS of this process; set that variable "
         "before start-up to allow more)",
-    )  # fmt: skip
+    )
 
 
 _blas = None

@@ -14,8 +14,9 @@ import codecs
 import heapq
 import itertools
 import numbers
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Collection, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import regex
@@ -72,7 +73,7 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> "Tokenizer":
+    def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> Tokenizer:
         """Read `vocab.json` (OpenAI's encoder.json) and `merges.txt` (OpenAI's vocab.bpe), checked
         completely: token -> distinct integer ids, merges of two tokens whose join is a token."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
@@ -85,7 +86,9 @@ class Tokenizer:
         ids = list(vocab.values())
         if not all(type(i) is int for i in ids) or min(ids) < 0 or max(ids) >= MAX_VOCAB:  # type(): a bool is not an id
             bad = next(t for t, i in vocab.items() if type(i) is not int or not 0 <= i < MAX_VOCAB)
-            raise CheckpointError(f"{vocab_path}: token {bad[:40]!r} has id {str(vocab[bad])[:40]}, not an integer in 0..{MAX_VOCAB - 1}; re-download the model")
+            raise CheckpointError(
+                f"{vocab_path}: token {bad[:40]!r} has id {str(vocab[bad])[:40]}, not an integer in 0..{MAX_VOCAB - 1}; re-download the model"
+            )
         if len(set(ids)) != len(ids):
             raise CheckpointError(f"{vocab_path} gives two tokens the same id; re-download the model")
         try:
@@ -101,8 +104,11 @@ class Tokenizer:
         # the checks run at C speed (start-up time); the slow search below only names a bad line
         joined = set(map("".join, pairs))
         if set(map(len, pairs)) - {2} or "" in itertools.chain.from_iterable(pairs) or joined - vocab.keys():
-            n, line = next((n, line) for n, line in enumerate(lines, 1) if n > first and line and (
-                len(p := line.split(" ")) != 2 or not p[0] or not p[1] or p[0] + p[1] not in vocab))  # fmt: skip
+            n, line = next(
+                (n, line)
+                for n, line in enumerate(lines, 1)
+                if n > first and line and (len(p := line.split(" ")) != 2 or not p[0] or not p[1] or p[0] + p[1] not in vocab)
+            )
             why = "is not a merge 'A B'" if len(p) != 2 or not p[0] or not p[1] else "merges into a token vocab.json lacks"
             raise CheckpointError(f"{merges_path}:{n} {why}: {line[:40]!r}; the two tokenizer files must belong together")
         # Every token but a few added ones (GPT-2: <|endoftext|>) is a byte or a merge's result: a vocabulary
@@ -117,7 +123,7 @@ class Tokenizer:
         return cls(vocab, pairs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> Tokenizer:
         """Load from a local folder or a Hub id (see `picogpt_fast.hub.resolve_model`)."""
         files = ModelFiles.of(resolve_model(name_or_path, revision=revision, tokenizer_only=True))
         return cls.from_files(files.vocab, files.merges)
@@ -139,9 +145,7 @@ class Tokenizer:
             allowed = set(allowed_special)
             unknown = allowed - set(self.special_tokens)
             if unknown:
-                raise InvalidArgumentError(
-                    f"unknown special token(s) {sorted(unknown)}; this vocabulary has {sorted(self.special_tokens)}"
-                )
+                raise InvalidArgumentError(f"unknown special token(s) {sorted(unknown)}; this vocabulary has {sorted(self.special_tokens)}")
         if not allowed:
             return self.encode_ordinary(text)
         ids: list[int] = []
@@ -173,7 +177,9 @@ class Tokenizer:
         try:
             return tuple(self.encoder[t] for t in merged)
         except KeyError as e:
-            raise CheckpointError(f"merges.txt produced token {e.args[0]!r} that vocab.json lacks; the two files do not belong together") from None
+            raise CheckpointError(
+                f"merges.txt produced token {e.args[0]!r} that vocab.json lacks; the two files do not belong together"
+            ) from None
 
     # ----------------------------------------------------------------- decoding
     def token_bytes(self, token_id: int) -> bytes:
@@ -199,7 +205,7 @@ class Tokenizer:
         """Ids to text; bytes that are not valid UTF-8 become U+FFFD, as in OpenAI's encoder."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def incremental_decoder(self) -> "IncrementalDecoder":
+    def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterable, Sequence
 from numbers import Integral, Real
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,9 @@ def prompts(value: Any, name: str = "prompts") -> list:
     """A list of prompts (each text or token ids). A bare string or a flat list of ints is one prompt
     given where several are expected: refused, so that "Hello" is not read as five prompts."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise InvalidArgumentError(f"{name} must be a list of prompts (texts or token id lists), got {type(value).__name__}; wrap a single prompt in a list")
+        raise InvalidArgumentError(
+            f"{name} must be a list of prompts (texts or token id lists), got {type(value).__name__}; wrap a single prompt in a list"
+        )
     items = list(value)
     if items and all(isinstance(p, Integral) for p in items):
         raise InvalidArgumentError(f"{name} must be a list of prompts, got a flat list of ids; wrap a single prompt in a list")

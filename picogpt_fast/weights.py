@@ -87,7 +87,7 @@ class GPT2Weights:
     def nbytes(self) -> int:
         return sum(a.nbytes for _, a in self.arrays())
 
-    def check(self, config: GPT2Config) -> "GPT2Weights":
+    def check(self, config: GPT2Config) -> GPT2Weights:
         """Refuse arrays whose shape, dtype or layout does not match the config; make them read-only.
 
         Read-only views: no session can change shared weights.
@@ -148,7 +148,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if index.is_file():
         content = read_json(index, CheckpointError)
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()
+        ):
             raise CheckpointError(f"{index} is not a valid safetensors index (a weight_map of file names); re-download the model")
         files = sorted({folder / name for name in weight_map.values()})
         for path in files:
@@ -170,9 +172,7 @@ def read_entries(folder: Path) -> dict[str, TensorEntry]:
         found, _ = tensorfile.read_header(path)
         for name, e in found.items():
             if e.dtype not in SOURCE_DTYPES:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has dtype {e.dtype}; picogpt-fast loads F32, F16, BF16 or F64 weights"
-                )
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {e.dtype}; picogpt-fast loads F32, F16, BF16 or F64 weights")
         entries.update(found)
     return entries
 
@@ -187,12 +187,18 @@ def load_weights(folder: str | os.PathLike, config: GPT2Config) -> GPT2Weights:
     lm_head = entries.pop(tensors.LM_HEAD.hf, None)
     missing = [k for k in expected if k not in entries]
     unexpected = [k for k in entries if k not in expected and not _IGNORED.match(k)]
-    misshaped = [f"{k} {list(entries[k].shape)} (expected {list(s)})" for k, s in expected.items() if k in entries and entries[k].shape != s]
+    misshaped = [
+        f"{k} {list(entries[k].shape)} (expected {list(s)})" for k, s in expected.items() if k in entries and entries[k].shape != s
+    ]
     head_shape = tensors.LM_HEAD.dims(config)
     if lm_head is not None and lm_head.shape != head_shape:
         misshaped.append(f"{tensors.LM_HEAD.hf} {list(lm_head.shape)} (expected {list(head_shape)})")
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {_summarise(names)}" for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+        parts = [
+            f"{label}: {_summarise(names)}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if names
+        ]
         raise CheckpointError(
             f"{folder} does not match its config ({config.n_layer} layers, n_embd={config.n_embd}, "
             f"n_vocab={config.n_vocab}, n_ctx={config.n_ctx}): {'; '.join(parts)}"

@@ -69,7 +69,9 @@ def model_dir(tmp_path_factory, tokenizer_dir):
         if key not in made:
             config = make_config(shape, **config)
             folder = tmp_path_factory.mktemp(f"model-{shape}")
-            save_pretrained(folder, config, random_weights(config, seed=seed, std=std), tokenizer_dir=tokenizer_dir, prefix=prefix, dtype=dtype)
+            save_pretrained(
+                folder, config, random_weights(config, seed=seed, std=std), tokenizer_dir=tokenizer_dir, prefix=prefix, dtype=dtype
+            )
             made[key] = folder
         return made[key]
 

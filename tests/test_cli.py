@@ -1,11 +1,10 @@
 """The command line: what goes to stdout and stderr, exit codes, picoGPT's option names, errors."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -60,7 +59,22 @@ def test_stream_prints_what_run_prints(model_dir):
 
 
 def test_ctrl_c_while_streaming(model_dir):
-    args = [PYTHON, "-m", "picogpt_fast", "run", "Hello", "--model", str(model_dir("small")), "-n", "100000", "--clip", "--stream", "--ignore-eos", "--backend", "numpy"]
+    args = [
+        PYTHON,
+        "-m",
+        "picogpt_fast",
+        "run",
+        "Hello",
+        "--model",
+        str(model_dir("small")),
+        "-n",
+        "100000",
+        "--clip",
+        "--stream",
+        "--ignore-eos",
+        "--backend",
+        "numpy",
+    ]
     with child(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()) as p:
         first = p.stdout.read(1)  # generation has started
         assert first
@@ -94,8 +108,7 @@ def test_context_refused_before_loading_weights(cli, model_dir, tmp_path):
     code, out, err = cli("run", PROMPT, "--model", folder, "-n", 200)
     assert code == 1 and out == ""
     assert err.strip() == (
-        "error: prompt of 10 tokens + 200 new tokens = 210 exceeds the model's context of 128; "
-        "use at most 118 new tokens (or --clip)"
+        "error: prompt of 10 tokens + 200 new tokens = 210 exceeds the model's context of 128; use at most 118 new tokens (or --clip)"
     )
 
 
@@ -153,7 +166,7 @@ def test_bench_report(cli, model_dir):
     tests = {(row["test"], row["backend"]) for row in r["rows"]}
     assert {("pp4", "numba"), ("pp20", "numba"), ("tg3", "numba"), ("pp4", "numpy"), ("tg3", "numpy")} <= tests
     decode = next(row for row in r["rows"] if row["test"] == "tg3")
-    assert decode["tok_s"] > 0 and 0 < decode["bandwidth_fraction"] and decode["reps"] == 2
+    assert decode["tok_s"] > 0 and decode["bandwidth_fraction"] > 0 and decode["reps"] == 2
     assert r["bandwidth_gb_s"] > 0 and r["peak_rss_bytes"] > 0 and r["machine"]["threading_layer"]
     code, out, _ = cli("bench", "--model", model_dir("small"), "--prompt", "4", "--gen", 2, "--reps", 1, "--no-reference")
     assert code == 0 and "| pp4 | numba |" in out and "numpy" not in out.split("| test |")[1]
@@ -240,7 +253,7 @@ def test_cache_lists_and_clears_what_is_cached(cli, model_dir, tmp_path, monkeyp
         GPT2.from_pretrained(folder, dtype=dtype)
     code, out, _ = cli("cache")
     assert code == 0 and out.splitlines()[0].split() == ["SOURCE", "DTYPE", "SIZE", "LAST", "USED"]
-    assert out.count(str(small)) == 2 and out.count(str(odd)) == 1 and f"3 entries" in out and "just now" in out
+    assert out.count(str(small)) == 2 and out.count(str(odd)) == 1 and "3 entries" in out and "just now" in out
     code, out, err = cli("cache", "clear", small, "--dtype", "int8")
     assert code == 0 and "removed 1 entry" in err
     rows = [json.loads(line) for line in cli("cache", "list", "--json")[1].splitlines()]

@@ -120,7 +120,7 @@ def test_two_sessions_in_two_threads(models):
         try:
             for i in range(k, len(jobs), 2):
                 results[i] = eng.generate(jobs[i], 16, stop_at_eos=False)
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             errors.append(e)
 
     if threads.threading_layer() == "workqueue":
@@ -167,7 +167,9 @@ def test_workqueue_concurrency_is_refused_not_crashed(model_dir):
         print(sorted(set(outcomes)), len(outcomes))
         """
     )
-    r = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_THREADING_LAYER="workqueue"))
+    r = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_THREADING_LAYER="workqueue")
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith(" 60")
 

@@ -21,10 +21,16 @@ import pytest
 from .conftest import PYTHON, REPO, child, subprocess_env
 
 UNPRIVILEGED = (
-    ["setpriv", "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    [
+        "setpriv",
+        "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--",
+    ]
     if os.geteuid() == 0
     else []
-)  # fmt: skip
+)
 
 
 def cli(*args, env=None, unprivileged=False, timeout=600, **kw) -> subprocess.CompletedProcess:
@@ -89,8 +95,21 @@ def test_read_only_install_without_a_writable_home(readable_model, tmp_path):
 def test_unwritable_weights_cache(readable_model, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    assert cli("run", "Hello", "--model", readable_model, "-n", 1, "--dtype", "int8").returncode == 0  # int8 kernels cached: no compile notice below
-    r = cli("run", "Hello", "--model", readable_model, "-n", 3, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE=str(locked / "cache")), unprivileged=True)
+    assert (
+        cli("run", "Hello", "--model", readable_model, "-n", 1, "--dtype", "int8").returncode == 0
+    )  # int8 kernels cached: no compile notice below
+    r = cli(
+        "run",
+        "Hello",
+        "--model",
+        readable_model,
+        "-n",
+        3,
+        "--dtype",
+        "int8",
+        env=subprocess_env(PICOGPT_FAST_CACHE=str(locked / "cache")),
+        unprivileged=True,
+    )
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
     notices = [line for line in r.stderr.splitlines() if line.startswith("picogpt-fast:")]
     assert len(notices) == 1 and "converted weights stay in memory" in notices[0]
@@ -143,7 +162,20 @@ def mode_args(mode, folder):
 def test_sigpipe(long_model, mode):
     """Output piped into a reader that stops early (`| head -c 8`): exit 0, nothing on stderr."""
     prompt = [] if mode == "file" else ["Hello"]
-    cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 300, "--ignore-eos", "-q", *mode_args(mode, long_model)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "picogpt_fast",
+        "run",
+        *prompt,
+        "--model",
+        str(long_model),
+        "-n",
+        300,
+        "--ignore-eos",
+        "-q",
+        *mode_args(mode, long_model),
+    ]
     with child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env()) as p:
         p.stdout.read(8)
         p.stdout.close()  # the reader is gone
@@ -156,7 +188,22 @@ def test_sigint(long_model, mode):
     """Ctrl-C during generation: exit 130, no traceback (the NumPy reference keeps the work going
     long enough to interrupt it mid-generation)."""
     prompt = [] if mode == "file" else ["Hello"]
-    cmd = [PYTHON, "-m", "picogpt_fast", "run", *prompt, "--model", str(long_model), "-n", 1000, "--clip", "--ignore-eos", "--backend", "numpy", *mode_args(mode, long_model)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "picogpt_fast",
+        "run",
+        *prompt,
+        "--model",
+        str(long_model),
+        "-n",
+        1000,
+        "--clip",
+        "--ignore-eos",
+        "--backend",
+        "numpy",
+        *mode_args(mode, long_model),
+    ]
     with child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env()) as p:
         while b"loaded" not in p.stderr.readline():  # the model is loaded; generation starts now
             assert p.poll() is None
@@ -184,8 +231,10 @@ def test_a_process_on_an_empty_kernel_cache_gets_what_later_processes_get(tmp_pa
     every later one gets: it compiles in a child process and runs the cached code."""
     folder = model_dir("small", seed=5, std=0.25, n_ctx=256)
     env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
-    runs = [subprocess.run([PYTHON, "-c", SCORE_IN_A_PROCESS, str(folder)], capture_output=True, text=True, env=env, timeout=900)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.run([PYTHON, "-c", SCORE_IN_A_PROCESS, str(folder)], capture_output=True, text=True, env=env, timeout=900)
+        for _ in range(2)
+    ]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert "compiling the engine's kernels" in runs[0].stderr and "compiling" not in runs[1].stderr
     assert runs[0].stdout == runs[1].stdout  # bitwise: the same digits

@@ -26,7 +26,9 @@ from .conftest import PYTHON, subprocess_env
 
 
 def cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "picogpt_fast", *map(str, args)], capture_output=True, text=True, env=env or subprocess_env(), timeout=600, **kw)
+    return subprocess.run(
+        [PYTHON, "-m", "picogpt_fast", *map(str, args)], capture_output=True, text=True, env=env or subprocess_env(), timeout=600, **kw
+    )
 
 
 def assert_one_error(r, *words):
@@ -81,7 +83,7 @@ def test_a_session_entered_from_a_second_thread_raises_at_once(models):
 def _call(fn, *args):
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001 - the outcome is the assertion
+    except Exception as e:
         return e
 
 
@@ -158,14 +160,18 @@ def test_a_converted_folder_that_was_damaged_is_refused(model_dir, tmp_path, cli
 
 def test_a_cache_on_a_full_disk_is_a_notice_and_the_run_goes_on(model_dir, tmp_path):
     with full_disk(tmp_path / "full") as cache:
-        r = cli("run", "Hello", "--model", model_dir("small"), "-n", 3, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE=str(cache)))
+        r = cli(
+            "run", "Hello", "--model", model_dir("small"), "-n", 3, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE=str(cache))
+        )
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert "cannot write the weights cache" in r.stderr and "stay in memory" in r.stderr
         assert not [p for p in cache.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".tmp")]  # nothing a later run would trust
 
 
 def test_a_cache_in_the_home_of_no_user_is_one_line(model_dir):
-    r = cli("run", "Hello", "--model", model_dir("small"), "-n", 2, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE="~nosuchuser/x"))
+    r = cli(
+        "run", "Hello", "--model", model_dir("small"), "-n", 2, "--dtype", "int8", env=subprocess_env(PICOGPT_FAST_CACHE="~nosuchuser/x")
+    )
     assert_one_error(r, "PICOGPT_FAST_CACHE", "user that does not exist")
 
 
@@ -201,8 +207,13 @@ def test_token_ids_that_are_not_integers_and_text_that_is_not_unicode_are_refuse
 # --------------------------------------------------------------------------- the command line's output
 @pytest.mark.parametrize(
     "args",
-    [("run", "Hello", "-n", "3"), ("run", "Hello", "-n", "3", "--json"), ("run", "Hello", "-n", "3", "--stream"),
-     ("tokenize", "Hello world"), ("score", "{text}")],  # fmt: skip
+    [
+        ("run", "Hello", "-n", "3"),
+        ("run", "Hello", "-n", "3", "--json"),
+        ("run", "Hello", "-n", "3", "--stream"),
+        ("tokenize", "Hello world"),
+        ("score", "{text}"),
+    ],
     ids=["run", "json", "stream", "tokenize", "score"],
 )
 def test_results_to_a_full_disk_or_a_closed_stdout_are_one_line(model_dir, tmp_path, args):
@@ -213,8 +224,16 @@ def test_results_to_a_full_disk_or_a_closed_stdout_are_one_line(model_dir, tmp_p
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert lines[-1] == "error: cannot write the results (No space left on device); free some space or write them elsewhere", r.stderr
-    closed = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=None, stderr=subprocess.PIPE, text=True, env=subprocess_env(), timeout=600,
-                            preexec_fn=lambda: os.close(1))  # fmt: skip
+    closed = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+        preexec_fn=lambda: os.close(1),
+    )
     assert closed.returncode == 1 and closed.stderr.strip().splitlines() == [
         "error: stdout is closed, so the results would be lost; redirect it to a file (or to /dev/null to discard them)"
     ], closed.stderr

@@ -21,7 +21,11 @@ from picogpt_fast.tokenizer import Tokenizer
 SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=10)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=10,
+)
 
 
 def loads_or_refuses(fn, *args):
@@ -38,11 +42,13 @@ def safetensors_bytes(header, data: bytes = b"", declared_len=None) -> bytes:
 
 
 entries = st.fixed_dictionaries(
-    {"dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I8", "F64", "Q4"]), json_values),
-     "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_values),
-     "data_offsets": st.one_of(st.lists(st.integers(-5, 2**40), min_size=2, max_size=2), json_values)},
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I8", "F64", "Q4"]), json_values),
+        "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_values),
+        "data_offsets": st.one_of(st.lists(st.integers(-5, 2**40), min_size=2, max_size=2), json_values),
+    },
     optional={"extra": json_values},
-)  # fmt: skip
+)
 
 
 @SETTINGS
@@ -63,7 +69,11 @@ def test_random_bytes(tmp_path, raw, declared):
 
 @SETTINGS
 @example(sizes=[1, 1, 1, 1], shifts=[0, 0, 1, -1], tail=0)  # two ranges swapped: still an exact tiling
-@given(sizes=st.lists(st.integers(1, 16), min_size=1, max_size=4), shifts=st.lists(st.integers(-8, 8), min_size=4, max_size=4), tail=st.integers(0, 8))
+@given(
+    sizes=st.lists(st.integers(1, 16), min_size=1, max_size=4),
+    shifts=st.lists(st.integers(-8, 8), min_size=4, max_size=4),
+    tail=st.integers(0, 8),
+)
 def test_byte_ranges_tile_the_data_exactly(tmp_path, sizes, shifts, tail):
     """Offsets moved by a few bytes overlap or leave gaps: only exact tilings load (in any order of
     the tensors: two shifted ranges may swap places and still tile the data)."""
@@ -85,8 +95,20 @@ def test_byte_ranges_tile_the_data_exactly(tmp_path, sizes, shifts, tail):
 
 
 # --------------------------------------------------------------------------- configs
-config_keys = ["vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon",
-               "activation_function", "model_type", "scale_attn_weights", "reorder_and_upcast_attn"]  # fmt: skip
+config_keys = [
+    "vocab_size",
+    "n_positions",
+    "n_ctx",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "layer_norm_epsilon",
+    "activation_function",
+    "model_type",
+    "scale_attn_weights",
+    "reorder_and_upcast_attn",
+]
 
 
 @SETTINGS
@@ -107,8 +129,10 @@ def test_config_bytes(tmp_path, raw):
 
 # --------------------------------------------------------------------------- tokenizer files
 @SETTINGS
-@given(vocab=st.one_of(json_values, st.dictionaries(st.text(max_size=4), st.one_of(st.integers(-2, 2**40), json_values), max_size=6)),
-       merges=st.lists(st.text(max_size=6), max_size=6))  # fmt: skip
+@given(
+    vocab=st.one_of(json_values, st.dictionaries(st.text(max_size=4), st.one_of(st.integers(-2, 2**40), json_values), max_size=6)),
+    merges=st.lists(st.text(max_size=6), max_size=6),
+)
 def test_tokenizer_files(tmp_path, vocab, merges):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_bytes("\n".join(merges).encode("utf-8", "surrogatepass"))

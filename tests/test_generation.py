@@ -11,10 +11,10 @@ from picogpt_fast import GPT2
 from picogpt_fast.config import GPT2Config
 from picogpt_fast.errors import ContextLengthError, InvalidArgumentError
 from picogpt_fast.generation import run
-from picogpt_fast.session import Session
-from picogpt_fast.validate import context
 from picogpt_fast.sampling import SamplingParams
+from picogpt_fast.session import Session
 from picogpt_fast.tokenizer import Tokenizer
+from picogpt_fast.validate import context
 
 EOT = 50256
 
@@ -33,7 +33,7 @@ class ScriptedSession(Session):
     def _forward(self, ids, seq, pos, all_logits, prompt):
         assert not all_logits or len(ids) == 1
         rows = []
-        for s in (seq[-1:] if prompt else seq):
+        for s in seq[-1:] if prompt else seq:
             logits = np.zeros(self.config.n_vocab, np.float32)
             logits[self.script[self.generated[s]]] = 10
             self.generated[s] += 1

@@ -65,8 +65,11 @@ def test_offline_cache_hit(tmp_path, model_dir):
 def test_offline_cache_miss_is_one_clear_line(tmp_path):
     r = subprocess.run(
         [PYTHON, "-m", "picogpt_fast", "run", "hi", "--model", "gpt2-medium"],
-        capture_output=True, text=True, env=subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path)), timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path)),
+        timeout=300,
+    )
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "error: model gpt2-medium is not in the Hugging Face cache and HF_HUB_OFFLINE is set; connect, or pass a local folder "
@@ -78,11 +81,18 @@ def test_offline_cache_miss_is_one_clear_line(tmp_path):
 def test_unreachable_hub(tmp_path):
     r = subprocess.run(
         [PYTHON, "-m", "picogpt_fast", "tokenize", "hi", "--model", "355M"],
-        capture_output=True, text=True, timeout=300,
-        env=subprocess_env(HF_HUB_CACHE=str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DISABLE_TELEMETRY="1"),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(
+            HF_HUB_CACHE=str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DISABLE_TELEMETRY="1"
+        ),
+    )
     assert r.returncode == 1
-    assert "model 355M (openai-community/gpt2-medium) is not in the Hugging Face cache and the Hub could not be reached; connect, or pass a local folder" in r.stderr
+    assert (
+        "model 355M (openai-community/gpt2-medium) is not in the Hugging Face cache and the Hub could not be reached; connect, or pass a local folder"
+        in r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1
 
 
@@ -136,7 +146,9 @@ class FakeHub:
             if kind == "revision":
                 body = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in self.files(repo)]}
             else:
-                body = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for f, d in self.files(repo).items()]
+                body = [
+                    {"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for f, d in self.files(repo).items()
+                ]
             return self.send(req, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
         if "resolve" in parts:
             i = parts.index("resolve")
@@ -200,8 +212,11 @@ def test_download_fetches_only_the_needed_files(tmp_path, fake_hub):
 def test_tokenizer_only_downloads_two_files(tmp_path, fake_hub):
     r = subprocess.run(
         [PYTHON, "-m", "picogpt_fast", "tokenize", "Hello world", "--model", "someone/fine-tune"],
-        capture_output=True, text=True, env=subprocess_env(**hub_env(fake_hub, tmp_path)), timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=subprocess_env(**hub_env(fake_hub, tmp_path)),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "15496 995"
     fetched = {p.rsplit("/", 1)[1] for m, p in fake_hub.requests if "/resolve/" in p and m == "GET"}
@@ -210,13 +225,21 @@ def test_tokenizer_only_downloads_two_files(tmp_path, fake_hub):
 
 def test_repo_and_revision_not_found(tmp_path, fake_hub):
     env = subprocess_env(**hub_env(fake_hub, tmp_path))
-    r = subprocess.run([PYTHON, "-m", "picogpt_fast", "tokenize", "x", "--model", "nobody/nothing"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [PYTHON, "-m", "picogpt_fast", "tokenize", "x", "--model", "nobody/nothing"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "error: model nobody/nothing: no Hub repo nobody/nothing (or it is private); check the name, log in for "
         "private repos, or pass a local folder"
     )
-    r = subprocess.run([PYTHON, "-m", "picogpt_fast", "tokenize", "x", "--model", "gpt2", "--revision", "v9"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [PYTHON, "-m", "picogpt_fast", "tokenize", "x", "--model", "gpt2", "--revision", "v9"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 1
     assert "has no revision 'v9'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -224,11 +247,25 @@ def test_repo_and_revision_not_found(tmp_path, fake_hub):
 def test_allow_patterns_cover_sharded_checkpoints():
     from huggingface_hub.utils import filter_repo_objects
 
-    repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "tf_model.h5", "flax_model.msgpack", "onnx/model.onnx", "vocab.json", "merges.txt", "tokenizer.json"]  # fmt: skip
+    repo = [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "onnx/model.onnx",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+    ]
     assert sorted(filter_repo_objects(repo, allow_patterns=ALLOW_PATTERNS)) == [
-        "config.json", "merges.txt", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "vocab.json",
-    ]  # fmt: skip
+        "config.json",
+        "merges.txt",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "vocab.json",
+    ]
 
 
 def test_local_folder_wins_over_hub_id(tmp_path, model_dir, monkeypatch):

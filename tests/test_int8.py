@@ -2,7 +2,6 @@
 NumPy integer reference on awkward shapes, bitwise against each other, and forced paths that the CPU
 lacks falling back instead of faulting."""
 
-import os
 import subprocess
 import textwrap
 

@@ -183,8 +183,8 @@ def scratch(capacity):
 @pytest.mark.parametrize("H,D", [(1, 1), (1, 36), (3, 32), (20, 4), (12, 64), (5, 7)])
 def test_attention_prompt_then_decode(H, D, threads):
     E, T, C, S = H * D, 13, 16, 2
-    from picogpt_fast.engine import KVCache
     from picogpt_fast.config import GPT2Config
+    from picogpt_fast.engine import KVCache
 
     cache = KVCache(GPT2Config(n_vocab=1, n_ctx=C, n_embd=E, n_head=H, n_layer=1), S, C)
     k_cache, v_cache = cache.k[0], cache.v[0]
@@ -216,8 +216,8 @@ def test_attention_with_peaked_scores_is_stable():
     """Large scores: the max is subtracted before exp, so nothing overflows."""
     H, D, T = 2, 8, 5
     qkv = randn(T, 3 * H * D, scale=40)
-    from picogpt_fast.engine import KVCache
     from picogpt_fast.config import GPT2Config
+    from picogpt_fast.engine import KVCache
 
     cache = KVCache(GPT2Config(n_vocab=1, n_ctx=8, n_embd=H * D, n_head=H, n_layer=1), 1, 8)
     seq, pos = np.zeros(T, np.int64), np.arange(T, dtype=np.int64)
@@ -251,7 +251,9 @@ def test_kernels_stay_in_float32(tmp_path):
                 print(name, sum(len(re.findall(r"fpext float .* to double", b)) for b in bodies))
         """
     )
-    r = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_CACHE_DIR=str(tmp_path)))
+    r = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=subprocess_env(NUMBA_CACHE_DIR=str(tmp_path))
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     counts = dict(line.split() for line in r.stdout.splitlines())
     assert {"linear", "dequantize", "attention", "layer_norm", "bias_epilogue", "causal_softmax", "embed", "store_kv"} <= set(counts)

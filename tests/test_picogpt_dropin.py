@@ -33,8 +33,13 @@ PICOGPT_SCRIPT = textwrap.dedent(
 def test_picogpt_script_runs_unchanged(tmp_path, model_dir, models):
     eng, _ = models("small")
     (tmp_path / "124M").symlink_to(model_dir("small"))
-    r = subprocess.run([PYTHON, "-c", PICOGPT_SCRIPT, "Alan Turing theorized", "12", str(tmp_path)],
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [PYTHON, "-c", PICOGPT_SCRIPT, "Alan Turing theorized", "12", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     expected = eng.tokenizer.decode(eng.generate("Alan Turing theorized", 12, stop_at_eos=False))
     assert r.stdout == expected + "\n"
@@ -62,10 +67,12 @@ def test_params_built_by_hand(models):
     eng, ref = models("small")
     params = {k: v for k, v in params_from_weights(eng.weights).items()}
     params["blocks"] = [
-        {name: {k: (np.array(v) if isinstance(v, np.ndarray) else {kk: np.array(vv) for kk, vv in v.items()}) for k, v in part.items()}
-         for name, part in block.items()}
+        {
+            name: {k: (np.array(v) if isinstance(v, np.ndarray) else {kk: np.array(vv) for kk, vv in v.items()}) for k, v in part.items()}
+            for name, part in block.items()
+        }
         for block in params["blocks"]
-    ]  # fmt: skip
+    ]
     params["wte"] = eng.weights.wte.copy()
     ids = [1, 2, 3, 4]
     np.testing.assert_allclose(picogpt.gpt2(ids, **params, n_head=4), ref.forward(ids), atol=5e-4)

@@ -20,9 +20,15 @@ pq = pytest.importorskip("pyarrow.parquet")
 from picogpt_fast import GPT2  # noqa: E402
 from picogpt_fast.ray import generate_dataset, score_dataset  # noqa: E402
 
-
-TEXTS = ["Alan Turing theorized that computers would one day become", "Once upon a time", "Hello world, hello world.",
-         "Ünïcödé ☃ and emoji 🙂 in a row", "def f(x):\n    return x * 2\n", "A" * 300, "The the the the the"]  # fmt: skip
+TEXTS = [
+    "Alan Turing theorized that computers would one day become",
+    "Once upon a time",
+    "Hello world, hello world.",
+    "Ünïcödé ☃ and emoji 🙂 in a row",
+    "def f(x):\n    return x * 2\n",
+    "A" * 300,
+    "The the the the the",
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,9 @@ def test_score_command_parquet_round_trip(local_ray, folder, model, tmp_path, cl
 
     data = rows(30)
     pq.write_table(pa.Table.from_pylist(data), tmp_path / "in.parquet")
-    code, out, err = cli("score", "--model", folder, "--dataset", tmp_path / "in.parquet", "--out", tmp_path / "out.parquet", "--actors", "2")
+    code, out, err = cli(
+        "score", "--model", folder, "--dataset", tmp_path / "in.parquet", "--out", tmp_path / "out.parquet", "--actors", "2"
+    )
     assert code == 0, err
     assert out == "" and "wrote 30 rows" in err
     table = pq.read_table(tmp_path / "out.parquet")
@@ -181,8 +189,23 @@ def test_score_command_parquet_round_trip(local_ray, folder, model, tmp_path, cl
 def test_run_command_jsonl_round_trip(local_ray, folder, model, tmp_path, cli):
     lines = [{"n": i, "prompt": TEXTS[i % len(TEXTS)][:20]} for i in range(12)] + [{"n": 12, "prompt": None}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
-    code, _, err = cli("run", "--model", folder, "--dataset", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "-n", "6",
-                       "--temperature", "0.8", "--seed", "3", "--batch-size", "5")  # fmt: skip
+    code, _, err = cli(
+        "run",
+        "--model",
+        folder,
+        "--dataset",
+        tmp_path / "in.jsonl",
+        "--out",
+        tmp_path / "out.jsonl",
+        "-n",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--batch-size",
+        "5",
+    )
     assert code == 0, err
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["n"] for r in out) == list(range(13))
@@ -253,19 +276,32 @@ def test_bad_dataset_options_fail_in_one_line(folder, tmp_path, cli, args, words
 def test_every_bad_value_a_jsonl_row_can_hold_is_that_row_s_error(local_ray, folder, model, tmp_path, cli):
     """A number, a list, null, a lone surrogate, a line that is no JSON object, invalid JSON: each is
     its row's error, the other rows are scored, and the job succeeds."""
-    lines = ['{"k": 0, "text": "Hello world"}', '{"k": 1, "text": 5}', '{"k": 2, "text": ["a"]}', '{"k": 3, "text": null}',
-             '{"k": 4, "text": "bad \\ud800 surrogate"}', '[1, 2]', 'not json', '{"k": 7, "text": "Once upon a time"}']  # fmt: skip
+    lines = [
+        '{"k": 0, "text": "Hello world"}',
+        '{"k": 1, "text": 5}',
+        '{"k": 2, "text": ["a"]}',
+        '{"k": 3, "text": null}',
+        '{"k": 4, "text": "bad \\ud800 surrogate"}',
+        "[1, 2]",
+        "not json",
+        '{"k": 7, "text": "Once upon a time"}',
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     code, _, err = cli("score", "--model", folder, "--dataset", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--batch-size", "3")
     assert code == 0, err
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(out) == len(lines)
     errors = sorted(r["error"] for r in out if r["error"])
-    assert errors == sorted([
-        "the row is not text (int)", "the row is not text (list)", "the row holds no text (null)",
-        "the text holds a lone surrogate (U+D800), which is not valid Unicode", "the line is a JSON list, not an object",
-        "the line is not valid JSON (Expecting value: line 1 column 1 (char 0))",
-    ])  # fmt: skip
+    assert errors == sorted(
+        [
+            "the row is not text (int)",
+            "the row is not text (list)",
+            "the row holds no text (null)",
+            "the text holds a lone surrogate (U+D800), which is not valid Unicode",
+            "the line is a JSON list, not an object",
+            "the line is not valid JSON (Expecting value: line 1 column 1 (char 0))",
+        ]
+    )
     good = {r["k"]: r for r in out if not r["error"]}
     assert good[0]["nll"] == nll(model, "Hello world") and good[7]["nll"] == nll(model, "Once upon a time")
 
@@ -306,7 +342,18 @@ def test_ray_keeps_its_logs_to_itself(folder, tmp_path):
     from .conftest import PYTHON, subprocess_env
 
     (tmp_path / "in.jsonl").write_text('{"text": "a b c"}\n{"text": "Hello world"}\n')
-    cmd = [PYTHON, "-m", "picogpt_fast", "score", "--model", str(folder), "--dataset", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+    cmd = [
+        PYTHON,
+        "-m",
+        "picogpt_fast",
+        "score",
+        "--model",
+        str(folder),
+        "--dataset",
+        str(tmp_path / "in.jsonl"),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == "" and r.stderr.count("\n") == 1 and r.stderr.startswith("wrote 2 rows"), r.stderr[-3000:]

@@ -67,8 +67,13 @@ def request(model, prompt, budget, **sampling):
 def test_requests_arriving_at_any_time_get_their_solo_results(model):
     scheduler = Scheduler(model, max_batch=3, max_queue=16).start()
     try:
-        cases = [("Hello", 30, {}), ("Once upon a time", 12, dict(temperature=0.9, seed=4)), ("A" * 40, 25, {}),
-                 ("", 9, dict(temperature=1.2, top_k=50, seed=1)), ("The end", 40, dict(repetition_penalty=1.5))]  # fmt: skip
+        cases = [
+            ("Hello", 30, {}),
+            ("Once upon a time", 12, dict(temperature=0.9, seed=4)),
+            ("A" * 40, 25, {}),
+            ("", 9, dict(temperature=1.2, top_k=50, seed=1)),
+            ("The end", 40, dict(repetition_penalty=1.5)),
+        ]
         made = []
         for prompt, budget, kw in cases:  # one by one while the others run: more than the 3 slots
             r, rec = request(model, prompt or [model.eos_id], budget, **kw)

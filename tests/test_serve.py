@@ -30,8 +30,16 @@ from picogpt_fast.serve import Server  # noqa: E402
 from .conftest import PYTHON, child, subprocess_env, wait_until  # noqa: E402
 
 NAME = "tiny-gpt2"
-PROMPTS = ["Alan Turing theorized that", "Once upon a time", "The capital of France is", "Hello", "",
-           "In 1905 Einstein published", "def fibonacci(n):", "Ünïcödé ☃ text"]  # fmt: skip
+PROMPTS = [
+    "Alan Turing theorized that",
+    "Once upon a time",
+    "The capital of France is",
+    "Hello",
+    "",
+    "In 1905 Einstein published",
+    "def fibonacci(n):",
+    "Ünïcödé ☃ text",
+]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +150,11 @@ def test_stop_strings_and_eos(server, model):
 
 def test_streaming_gives_the_same_text_in_pieces(server, model):
     expect = solo(model, PROMPTS[6], 40)
-    chunks = list(server.client.completions.create(model=NAME, prompt=PROMPTS[6], max_tokens=40, temperature=0, stream=True,
-                                                   stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        server.client.completions.create(
+            model=NAME, prompt=PROMPTS[6], max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [c.choices[0].text for c in chunks if c.choices]
     assert len(pieces) > 5 and "".join(pieces) == expect.text
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -188,8 +199,13 @@ def test_models_health_metrics_and_chat(server):
     assert e.value.code == "chat_not_supported" and "/v1/completions" in e.value.message
     status, headers, text = raw(server.url + "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    for name in ("picogpt_fast_requests_total", "picogpt_fast_generation_tokens_total", "picogpt_fast_batch_occupancy",
-                 "picogpt_fast_queue_depth", "picogpt_fast_time_to_first_token_seconds_count"):  # fmt: skip
+    for name in (
+        "picogpt_fast_requests_total",
+        "picogpt_fast_generation_tokens_total",
+        "picogpt_fast_batch_occupancy",
+        "picogpt_fast_queue_depth",
+        "picogpt_fast_time_to_first_token_seconds_count",
+    ):
         assert re.search(rf"^{name}(\{{.*\}})? ", text, re.M), name
     assert raw(server.url + "/nowhere")[0] == 404 and "error" in raw(server.url + "/nowhere")[2]
 
@@ -260,7 +276,9 @@ def _ask(server, prompt, kw, stream):
         r = server.client.completions.create(model=NAME, prompt=prompt, logprobs=0, **kw)
         return r.choices[0].text, r.choices[0].logprobs.tokens, r.usage.completion_tokens, r.choices[0].finish_reason
     text, tokens, usage, finish = "", [], None, None
-    for c in server.client.completions.create(model=NAME, prompt=prompt, logprobs=0, stream=True, stream_options={"include_usage": True}, **kw):
+    for c in server.client.completions.create(
+        model=NAME, prompt=prompt, logprobs=0, stream=True, stream_options={"include_usage": True}, **kw
+    ):
         if c.usage is not None:
             usage = c.usage.completion_tokens
         for choice in c.choices:
@@ -286,7 +304,7 @@ def test_eight_concurrent_requests_each_get_their_solo_result(model, long_model_
         assert running.state.scheduler.peak_busy >= 4  # they really were decoded together
     finally:
         running.stop()
-    for (text, tokens, usage, finish), expect in zip(results, expected):
+    for (text, tokens, usage, _), expect in zip(results, expected):
         assert text == expect.text
         assert usage == len(expect.ids) and tokens == [_token_text(model.tokenizer, t) for t in expect.ids]
 
@@ -339,8 +357,12 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert _generated_tokens(server.url) - before < 900  # stopped long before its 1000 tokens
     # a non-streaming client that goes away is dropped too
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 1000, "ignore_eos": True}),
-                 {"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 1000, "ignore_eos": True}),
+        {"Content-Type": "application/json"},
+    )
     wait_until(lambda: server.state.scheduler.busy, 5, "the request never took a slot")
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
@@ -355,7 +377,9 @@ def test_a_full_queue_answers_429_with_retry_after(model):
         first, r1 = _open_stream(running.port, long)  # holds the one slot
         r1.readline()
         second = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)  # waits in the one queue place
-        second.request("POST", "/v1/completions", json.dumps({**long, "stream": False, "max_tokens": 3}), {"Content-Type": "application/json"})
+        second.request(
+            "POST", "/v1/completions", json.dumps({**long, "stream": False, "max_tokens": 3}), {"Content-Type": "application/json"}
+        )
         wait_until(lambda: running.state.scheduler.queue, 5, "the second request never queued")
         status, headers, body = raw(running.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "max_tokens": 3})
         assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
@@ -388,10 +412,27 @@ def _free_port() -> int:
 def test_sigterm_finishes_or_cancels_and_exits_0(long_model_dir):
     port = _free_port()
     server = child(
-        [PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--served-model-name", NAME, "--port", str(port),
-         "--shutdown-grace", "1", "--max-batch", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
-    )  # fmt: skip
+        [
+            PYTHON,
+            "-m",
+            "picogpt_fast",
+            "serve",
+            "--model",
+            str(long_model_dir),
+            "--served-model-name",
+            NAME,
+            "--port",
+            str(port),
+            "--shutdown-grace",
+            "1",
+            "--max-batch",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+    )
     log = []
     with server as proc:
         for line in proc.stdout:  # ready when uvicorn says where it listens: on loopback by default
@@ -428,10 +469,18 @@ def test_command_line_errors(long_model_dir, cli):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
-                           capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=120,
+        )
     assert r.returncode == 1, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"error: the server could not start on 127.0.0.1:{port} (see the error above); is the port in use?"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"error: the server could not start on 127.0.0.1:{port} (see the error above); is the port in use?"
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -485,7 +534,9 @@ def test_a_queued_client_that_leaves_gives_its_place_back(model):
         second.close()
         wait_until(lambda: not running.state.scheduler.queue, 5, "the queue place was not given back")
         third = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
-        third.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 2}), {"Content-Type": "application/json"})
+        third.request(
+            "POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 2}), {"Content-Type": "application/json"}
+        )
         wait_until(lambda: running.state.scheduler.queue, 5, "the third request was not queued")  # not a 429
         first.close()
         assert json.loads(third.getresponse().read())["usage"]["completion_tokens"] == 2
@@ -501,7 +552,11 @@ def _count(url, outcome) -> float:
 
 def test_malformed_json_and_unicode_are_400_and_counted(server):
     before = _count(server.url, "invalid")
-    for payload in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "tiny-gpt2", "prompt": "bad \\ud800 text"}', b'{"prompt": {"nested": [[[[1]]]]}}'):
+    for payload in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model": "tiny-gpt2", "prompt": "bad \\ud800 text"}',
+        b'{"prompt": {"nested": [[[[1]]]]}}',
+    ):
         status, _, body = raw(server.url + "/v1/completions", "POST", payload)
         assert status == 400 and body["error"]["type"] == "invalid_request_error" and "\n" not in body["error"]["message"], body
     assert _count(server.url, "invalid") == before + 3
@@ -512,16 +567,25 @@ def test_echo_with_logprobs_keeps_no_logits(model):
     by chunk, so the memory it costs stays far below the logits it spans (4 x 900 x 50257 floats)."""
     import tracemalloc
 
-    from picogpt_fast.scheduler import Request, Scheduler
     from picogpt_fast.sampling import SamplingParams
+    from picogpt_fast.scheduler import Request, Scheduler
 
     scheduler = Scheduler(model, max_batch=4, max_queue=8)
     scheduler.session.prefill(list(range(300)), seq=0, all_logits=True)  # buffers for a chunk's logits, as any request uses
     scheduler.session.reset()
     prompt = list(range(1000, 1900))
     done, events = [], []
-    requests = [Request(prompt, 2, SamplingParams(), lambda k, p: (events.append(k), k in ("done", "error") and done.append(k)), logprobs=5,
-                        prompt_logprobs=True) for _ in range(4)]  # fmt: skip
+    requests = [
+        Request(
+            prompt,
+            2,
+            SamplingParams(),
+            lambda k, p: (events.append(k), k in ("done", "error") and done.append(k)),
+            logprobs=5,
+            prompt_logprobs=True,
+        )
+        for _ in range(4)
+    ]
     tracemalloc.start()
     scheduler.start()
     scheduler.submit(requests)
@@ -542,8 +606,13 @@ def test_the_names_users_send(long_model_dir):
     assert served_names("124M") == ["124M", "gpt2"]
     assert served_names("./models/gpt2-local/") == ["./models/gpt2-local/", "gpt2-local"]
     port = _free_port()
-    with child([PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
-               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env()) as proc:  # fmt: skip
+    with child(
+        [PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    ) as proc:
         for line in proc.stderr:
             if line.startswith("serving"):  # printed once the socket is bound: it answers at once
                 assert raw(f"http://127.0.0.1:{port}/health")[0] == 200

@@ -27,12 +27,25 @@ def expected_values():
     E, F = 16, 64
     order = [((None, "wte"), [300, E]), ((None, "wpe"), [32, E])]
     for i in range(2):
-        order += [((i, "ln_1_g"), [E]), ((i, "ln_1_b"), [E]), ((i, "attn_w"), [1, E, 3 * E]), ((i, "attn_b"), [3 * E]),
-                  ((i, "attn_proj_w"), [1, E, E]), ((i, "attn_proj_b"), [E]), ((i, "ln_2_g"), [E]), ((i, "ln_2_b"), [E]),
-                  ((i, "fc_w"), [1, E, F]), ((i, "fc_b"), [F]), ((i, "mlp_proj_w"), [1, F, E]), ((i, "mlp_proj_b"), [E])]  # fmt: skip
+        order += [
+            ((i, "ln_1_g"), [E]),
+            ((i, "ln_1_b"), [E]),
+            ((i, "attn_w"), [1, E, 3 * E]),
+            ((i, "attn_b"), [3 * E]),
+            ((i, "attn_proj_w"), [1, E, E]),
+            ((i, "attn_proj_b"), [E]),
+            ((i, "ln_2_g"), [E]),
+            ((i, "ln_2_b"), [E]),
+            ((i, "fc_w"), [1, E, F]),
+            ((i, "fc_b"), [F]),
+            ((i, "mlp_proj_w"), [1, F, E]),
+            ((i, "mlp_proj_b"), [E]),
+        ]
     order += [((None, "ln_f_g"), [E]), ((None, "ln_f_b"), [E])]
     rng = np.random.default_rng(2019)
-    return {key: (rng.standard_normal(shape) * 0.3).astype(np.float32).reshape(shape[1:] if len(shape) == 3 else shape) for key, shape in order}
+    return {
+        key: (rng.standard_normal(shape) * 0.3).astype(np.float32).reshape(shape[1:] if len(shape) == 3 else shape) for key, shape in order
+    }
 
 
 @pytest.fixture
@@ -56,7 +69,9 @@ def test_every_tensor_is_read_exactly():
 
 
 def test_picogpt_script_runs_on_its_own_models_dir(picogpt_models):
-    r = subprocess.run([PYTHON, "-c", PICOGPT_SCRIPT, "A", "6", str(picogpt_models)], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    r = subprocess.run(
+        [PYTHON, "-c", PICOGPT_SCRIPT, "A", "6", str(picogpt_models)], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
     assert r.returncode == 0, r.stderr
     model = GPT2.from_pretrained(picogpt_models / "124M")
     assert r.stdout == model.tokenizer.decode(model.generate("A", 6, stop_at_eos=False)) + "\n"
@@ -64,7 +79,9 @@ def test_picogpt_script_runs_on_its_own_models_dir(picogpt_models):
 
 def test_picogpt_command_line(cli, picogpt_models):
     """picoGPT's own command line, with `python gpt2.py` swapped for `picogpt-fast run`."""
-    code, out, err = cli("run", "A", "--n_tokens_to_generate", 5, "--model_size", "124M", "--models_dir", picogpt_models, "--ignore-eos", "-q")
+    code, out, err = cli(
+        "run", "A", "--n_tokens_to_generate", 5, "--model_size", "124M", "--models_dir", picogpt_models, "--ignore-eos", "-q"
+    )
     assert code == 0, err
     model = GPT2.from_pretrained(picogpt_models / "124M")
     assert out == model.tokenizer.decode(model.generate("A", 5, stop_at_eos=False)) + "\n"

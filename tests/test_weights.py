@@ -5,7 +5,6 @@ import json
 import shutil
 import struct
 import subprocess
-import textwrap
 
 import numpy as np
 import pytest
@@ -229,14 +228,20 @@ def test_peak_memory_124m_from_the_cache(tmp_path, tokenizer_dir):
     save_pretrained(tmp_path, config, random_weights(config, std=0.02), tokenizer_dir=tokenizer_dir)
     growth = {}
     for dtype in ("float32", "int8"):
-        run = lambda: subprocess.run([PYTHON, "-c", MEMORY_SCRIPT, str(tmp_path), dtype], capture_output=True, text=True,
-                                     env=subprocess_env(), check=True)  # fmt: skip
+
+        def run(dtype=dtype):
+            return subprocess.run(
+                [PYTHON, "-c", MEMORY_SCRIPT, str(tmp_path), dtype], capture_output=True, text=True, env=subprocess_env(), check=True
+            )
+
         run()  # builds the cache entry
         r = json.loads(run().stdout)
         load, peak = (r["load"] - r["before"]) / r["weights"], (r["peak"] - r["before"]) / r["weights"]
         growth[dtype] = r["peak"] - r["before"]
-        print(f"124M {dtype}: weights {r['weights'] / 1e6:.0f} MB; peak RSS growth {(r['load'] - r['before']) / 1e6:.0f} MB after "
-              f"loading ({load:.2f}x), {growth[dtype] / 1e6:.0f} MB after the first token ({peak:.2f}x)")
+        print(
+            f"124M {dtype}: weights {r['weights'] / 1e6:.0f} MB; peak RSS growth {(r['load'] - r['before']) / 1e6:.0f} MB after "
+            f"loading ({load:.2f}x), {growth[dtype] / 1e6:.0f} MB after the first token ({peak:.2f}x)"
+        )
         if dtype == "float32":
             assert load < 1.25 and peak < 1.25
     print(f"int8 / float32 peak growth: {growth['int8'] / growth['float32']:.2f}")

@@ -8,12 +8,12 @@ does not save AVX-512 or AVX registers does not report those features.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from .codes import PATH_AVX2, PATH_PLAIN, PATH_VNNI
 
 
-@lru_cache(maxsize=None)
+@cache
 def target_features() -> frozenset[str]:
     """The LLVM feature names Numba compiles for ("avx2", "avxvnni", ...)."""
     import llvmlite.binding as llvm

@@ -28,7 +28,6 @@ from .jit import FASTMATH, helper
 F32 = np.float32
 
 
-
 @intrinsic
 def f16_bits_to_f32(typingctx, bits):
     """The float32 value of a float16 given as its 16 bits (LLVM vectorises it to vcvtph2ps)."""
@@ -98,8 +97,10 @@ def _int8_groups_to_f32(typingctx, q, scale, out, n_groups):
         return None
 
     def codegen(context, builder, signature, args):
-        qp, sp, op = (builder.bitcast(context.make_array(t)(context, builder, v).data, e.as_pointer())
-                      for t, v, e in zip(signature.args[:3], args[:3], (_I8, _F32, _F32)))  # fmt: skip
+        qp, sp, op = (
+            builder.bitcast(context.make_array(t)(context, builder, v).data, e.as_pointer())
+            for t, v, e in zip(signature.args[:3], args[:3], (_I8, _F32, _F32))
+        )
         n = builder.sext(args[3], _I64) if args[3].type.width < 64 else args[3]
         with cgutils.for_range(builder, n) as loop:
             g = loop.index

@@ -176,8 +176,12 @@ def tile41(x8, xs, m0, w, ws, n, path):
         return _t41_vnni(x8, xs, m0, w, ws, n)
     if HAS_AVX2 and path >= PATH_AVX2:
         return _t41_avx2(x8, xs, m0, w, ws, n)
-    return (dot_plain(x8, xs, m0, w, ws, n), dot_plain(x8, xs, m0 + 1, w, ws, n),
-            dot_plain(x8, xs, m0 + 2, w, ws, n), dot_plain(x8, xs, m0 + 3, w, ws, n))  # fmt: skip
+    return (
+        dot_plain(x8, xs, m0, w, ws, n),
+        dot_plain(x8, xs, m0 + 1, w, ws, n),
+        dot_plain(x8, xs, m0 + 2, w, ws, n),
+        dot_plain(x8, xs, m0 + 3, w, ws, n),
+    )
 
 
 @helper

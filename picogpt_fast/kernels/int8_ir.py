@@ -33,7 +33,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .codes import GROUP, PACK, PATH_AVX2, PATH_PLAIN, PATH_VNNI
+from .codes import GROUP, PACK, PATH_PLAIN, PATH_VNNI
 from .cpu import target_paths
 
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -72,7 +72,9 @@ def _call(builder, name: str, result, operands):
 
 def _splat(builder, value, vector_type):
     one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count))
+    return builder.shuffle_vector(
+        one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count)
+    )
 
 
 def _row(context, builder, array_type, array, row, element):

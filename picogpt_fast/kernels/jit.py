@@ -18,9 +18,10 @@ import os
 import sys
 import tempfile
 
-from .. import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 import numba
 from numba import njit
+
+from .. import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -47,11 +48,17 @@ def _cache_enabled() -> bool:
     fallback = os.path.join(tempfile.gettempdir(), f"picogpt-fast-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
     if _writable(fallback):
         numba.config.CACHE_DIR = fallback
-        print(f"picogpt-fast: no writable Numba cache (the package folder, NUMBA_CACHE_DIR, the user cache); "
-              f"compiled kernels go to {fallback}", file=sys.stderr)  # fmt: skip
+        print(
+            f"picogpt-fast: no writable Numba cache (the package folder, NUMBA_CACHE_DIR, the user cache); "
+            f"compiled kernels go to {fallback}",
+            file=sys.stderr,
+        )
         return True
-    print("picogpt-fast: no writable folder for Numba's cache; kernels compile in memory in every process "
-          "(set NUMBA_CACHE_DIR to a writable folder to keep them)", file=sys.stderr)  # fmt: skip
+    print(
+        "picogpt-fast: no writable folder for Numba's cache; kernels compile in memory in every process "
+        "(set NUMBA_CACHE_DIR to a writable folder to keep them)",
+        file=sys.stderr,
+    )
     return False
 
 
