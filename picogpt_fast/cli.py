@@ -66,7 +66,7 @@ _backend_option = click.option(
     help="numba: the engine; numpy: picoGPT's reference math (slow, no KV cache).",
 )
 _threads_option = click.option("--threads", type=int, default=None, help="Threads for the engine and BLAS (default: all cores).")
-DTYPES = ("float32", "float16", "bfloat16", "int8")
+DTYPES = ("float32", "float16", "bfloat16", "int8")  # dtypes.DTYPES, named here so that --help imports no NumPy
 _dtype_option = click.option(
     "--dtype",
     type=click.Choice(DTYPES),
@@ -126,9 +126,7 @@ def _run_dataset(kind: str, dataset, out, quiet, ray_address, verbose, **kwargs)
     if kind == "run":
         from . import validate
 
-        validate.integer(
-            "--max-new-tokens", kwargs["max_new_tokens"], 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}"
-        )
+        validate.max_new_tokens(kwargs["max_new_tokens"], config.n_ctx, "--max-new-tokens")
     t0 = time.perf_counter()
     with rd.quiet_stderr(verbose), rd.one_line_errors():
         rd.connect(ray_address, verbose)
@@ -351,12 +349,11 @@ def run(
 
     resolved = _resolve(model, models_dir, revision)
     from . import validate
-    from .generation import start_ids
 
-    tokenizer = resolved.tokenizer
-    prompt_ids = [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompts]
-    for ids in prompt_ids:  # the context check comes before loading the weights
-        validate.context(len(ids), max_new_tokens, resolved.config.n_ctx, clip)
+    tokenizer = resolved.tokenizer  # the request is checked before the weights are loaded
+    prompt_ids, _ = validate.generation(
+        [tokenizer.encode(p) for p in prompts], max_new_tokens, resolved.config.n_ctx, tokenizer.eot_token, clip
+    )
     gpt = _load(resolved, backend, dtype, threads, quiet)
 
     if stream:
@@ -601,6 +598,7 @@ def score(
     `nll`, `perplexity` and `error` added to --out."""
     import math
 
+    from . import validate
     from .model import mean_nll
 
     _need_stdout()
@@ -651,8 +649,7 @@ def score(
         raise InvalidArgumentError(f"{file} is empty; there is nothing to score")
     resolved = _resolve(model, models_dir, revision)
     ids = resolved.tokenizer.encode(text)
-    if len(ids) < 2:
-        raise InvalidArgumentError(f"{file} holds {_count(len(ids), 'token')}; scoring needs at least 2")
+    validate.scorable(len(ids))  # before the weights are loaded
     gpt = _load(resolved, backend, dtype, threads, quiet)
     t0 = time.perf_counter()
     nll, n_scored = mean_nll(gpt.score(ids, stride=stride))

@@ -22,12 +22,12 @@ class ModelNotFoundError(PicoGPTError):
     """A model name or path that cannot be resolved to a local folder."""
 
 
-class ContextLengthError(PicoGPTError, ValueError):
-    """A prompt plus the requested new tokens does not fit the model's context."""
-
-
 class InvalidArgumentError(PicoGPTError, ValueError):
     """A generation or sampling argument with a value outside its range."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt plus the requested new tokens does not fit the model's context."""
 
 
 class ConcurrencyError(PicoGPTError, RuntimeError):

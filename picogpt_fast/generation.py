@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import validate
-from .errors import InvalidArgumentError
 from .sampling import Sampler, SamplingParams
 from .session import Session
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -53,15 +52,6 @@ class Timings:
             "decode_tokens": self.decode_tokens,
             "decode_tok_s": round(self.decode_tok_s, 3),
         }
-
-
-def start_ids(ids: list[int], eos_id: int | None) -> list[int]:
-    """An empty prompt starts after <|endoftext|>, as GPT-2 saw documents start in training."""
-    if ids:
-        return ids
-    if eos_id is None:
-        raise InvalidArgumentError("the prompt is empty and the vocabulary has no <|endoftext|> to start from")
-    return [eos_id]
 
 
 class _Output:

@@ -30,7 +30,6 @@ from .weights import GPT2Weights
 
 BACKENDS = ("numba", "numpy")
 IDLE_SESSIONS = 2  # idle sessions a model keeps for reuse (a session holds its KV cache and buffers)
-DTYPES = tuple(dtypes.DTYPES)
 # Keywords of complete(), generate(), generate_batch(), stream() and stream_text().
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 GENERATION_KEYWORDS = (*SAMPLING_KEYWORDS, "sampling", "stop", "stop_at_eos", "logprobs", "clip")
@@ -56,11 +55,11 @@ class GPT2:
         self.tokenizer = tokenizer
         self._reference_weights: GPT2Weights | None = None
         if isinstance(weights, EngineWeights):
-            if dtype is not None and validate.choice("dtype", dtype, DTYPES) != weights.dtype:
+            if dtype is not None and validate.choice("dtype", dtype, list(dtypes.DTYPES)) != weights.dtype:
                 raise InvalidArgumentError(f"these weights are {weights.dtype}; dtype={dtype!r} would need the original checkpoint")
             self.engine_weights = weights
         elif isinstance(weights, GPT2Weights):
-            dtype = validate.choice("dtype", "float32" if dtype is None else dtype, DTYPES)
+            dtype = validate.choice("dtype", "float32" if dtype is None else dtype, list(dtypes.DTYPES))
             weights.check(config)
             if dtype == "float32":
                 self._reference_weights = weights
@@ -172,8 +171,7 @@ class GPT2:
         ids = self._ids(ids)
         if not ids:
             raise InvalidArgumentError("forward() needs at least one token id")
-        if len(ids) > self.config.n_ctx:
-            raise InvalidArgumentError(f"{len(ids)} tokens exceed the model's context of {self.config.n_ctx}")
+        validate.context(len(ids), 0, self.config.n_ctx, clip=False)
         with self._session(1, len(ids)) as session:
             return session.prefill(ids, all_logits=True).copy()
 
@@ -209,8 +207,7 @@ class GPT2:
             params = SamplingParams(**kwargs)
         elif not isinstance(params, SamplingParams) or kwargs:
             raise InvalidArgumentError("sampling= takes a SamplingParams, instead of (not beside) the separate sampling keywords")
-        ids = [generation.start_ids(self._ids(p), self.eos_id) for p in prompts]
-        budgets = [validate.context(len(p), max_new_tokens, self.config.n_ctx, clip) for p in ids]
+        ids, budgets = validate.generation([self._ids(p) for p in prompts], max_new_tokens, self.config.n_ctx, self.eos_id, clip)
         with self._session(len(ids), max((len(p) + b for p, b in zip(ids, budgets)), default=1)) as session:
             yield from generation.run(
                 session,
@@ -295,9 +292,7 @@ class GPT2:
     def _windows(self, ids: list[int], stride: int | None):
         """transformers' sliding windows over ids: (begin, logits predicting ids[first:end], first, end)
         for each window, every scored token once (see score)."""
-        n, n_ctx = len(ids), self.config.n_ctx
-        if n < 2:
-            raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n}")
+        n, n_ctx = validate.scorable(len(ids)), self.config.n_ctx
         stride = (
             max(n_ctx // 2, 1)
             if stride is None

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from . import validate
 from .errors import PicoGPTError
-from .generation import start_ids
 from .sampling import SamplingParams
 
 MAX_LOGPROBS = 20
@@ -142,7 +141,10 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
     best_of = _integer(body, "best_of", n, 1, max_sequences)
     if best_of != n:
         raise ApiError(400, f"'best_of' must equal 'n' ({n}): ranking extra candidates is not supported", param="best_of")
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, n_ctx - 1)  # a prompt has a token at least
+    try:
+        max_tokens = validate.max_new_tokens(_get(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer"), n_ctx, "'max_tokens'")
+    except PicoGPTError as e:
+        raise ApiError(400, str(e), param="max_tokens") from None
     stream = _get(body, "stream", (bool,), False, "true or false")
     options = _get(body, "stream_options", (dict,), {}, "an object")
     if options and not stream:
@@ -217,7 +219,7 @@ def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
         )
     try:
         if all(isinstance(p, str) for p in prompt):
-            return [start_ids(tokenizer.encode(p), tokenizer.eot_token) for p in prompt], list(prompt)
+            return [validate.prompt_start(tokenizer.encode(p), tokenizer.eot_token) for p in prompt], list(prompt)
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             prompt = [prompt]
         elif not all(isinstance(p, list) for p in prompt):
@@ -225,7 +227,7 @@ def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
         ids = [validate.token_ids(p, n_vocab, name="prompt").tolist() for p in prompt]
     except PicoGPTError as e:  # ids out of the vocabulary, a lone surrogate in the text
         raise ApiError(400, str(e), param="prompt") from None
-    return [start_ids(p, tokenizer.eot_token) for p in ids], [tokenizer.decode(p) for p in ids]
+    return [validate.prompt_start(p, tokenizer.eot_token) for p in ids], [tokenizer.decode(p) for p in ids]
 
 
 # --------------------------------------------------------------------------- responses

@@ -29,7 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import validate
+from . import dtypes, validate
 from .errors import InvalidArgumentError, PicoGPTError
 from .model import mean_nll
 from .sampling import SamplingParams
@@ -106,13 +106,10 @@ class _Generator(_Actor):
             if not isinstance(text, str):
                 rows[i]["error"] = _not_text(text)
                 continue
-            try:
-                ids = tok.encode(text) or [self.model.eos_id]
-            except PicoGPTError as e:  # a lone surrogate: invalid text
+            try:  # a lone surrogate (invalid text), a prompt too long for the context: the row's error
+                (ids,), _ = validate.generation([tok.encode(text)], self.max_new_tokens, n_ctx, self.model.eos_id)
+            except PicoGPTError as e:
                 rows[i]["error"] = str(e)
-                continue
-            if len(ids) + self.max_new_tokens > n_ctx:
-                rows[i]["error"] = f"the prompt's {len(ids)} tokens + max_new_tokens {self.max_new_tokens} exceed the context of {n_ctx}"
                 continue
             good.append(i)
             prompts.append(ids)
@@ -134,10 +131,8 @@ def score_text(model, text, stride: int | None = None) -> dict:
         ids = model.tokenizer.encode(text)
     except PicoGPTError as e:  # a lone surrogate: invalid text
         return {"tokens": None, "nll": None, "perplexity": None, "error": str(e)}
-    if len(ids) < 2:
-        return {"tokens": len(ids), "nll": None, "perplexity": None, "error": f"{len(ids)} token; scoring needs at least 2"}
     try:
-        lp = model.score(ids, stride=stride)
+        lp = model.score(ids, stride=stride)  # fewer than 2 tokens, NaN logits: the row's error
     except PicoGPTError as e:
         return {"tokens": len(ids), "nll": None, "perplexity": None, "error": str(e)}
     nll, _ = mean_nll(lp)
@@ -209,7 +204,7 @@ def generate_dataset(
     "stop") and `error` added to every row, from the prompt in `column`. Sampling options as for
     `GPT2.generate`; with a seed, every row is sampled with that seed (as alone)."""
     config = check_model(model, dtype, revision)
-    validate.integer("max_new_tokens", max_new_tokens, 0, config.n_ctx, f"must be between 0 and the context size {config.n_ctx}")
+    validate.max_new_tokens(max_new_tokens, config.n_ctx)
     sampling = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
     )
@@ -233,7 +228,7 @@ def check_model(model, dtype, revision):
     from . import loader
 
     if dtype is not None:
-        validate.choice("dtype", dtype, ("float32", "float16", "bfloat16", "int8"))
+        validate.choice("dtype", dtype, list(dtypes.DTYPES))
     resolved = loader.resolve(model, revision=revision)
     loader.dtype_for(resolved, dtype)
     return resolved.config

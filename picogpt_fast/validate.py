@@ -117,6 +117,38 @@ def sequence_index(seq: Any, n_seq: int) -> int:
     return integer("seq", seq, 0, n_seq - 1, f"must be a sequence index of this session (0..{n_seq - 1})")
 
 
+# --------------------------------------------------------------------------- requests: the rules every door applies
+def max_new_tokens(value: Any, n_ctx: int, name: str = "max_new_tokens") -> int:
+    """New tokens to generate: 0 up to the context less one (a prompt holds a token at least)."""
+    return integer(name, value, 0, n_ctx - 1, f"must be between 0 and {n_ctx - 1} (the context of {n_ctx} tokens holds the prompt too)")
+
+
+def prompt_start(ids: list[int], eos_id: int | None) -> list[int]:
+    """An empty prompt starts after <|endoftext|>, as GPT-2 saw documents start in training."""
+    if ids:
+        return ids
+    if eos_id is None:
+        raise InvalidArgumentError("the prompt is empty and the vocabulary has no <|endoftext|> to start from")
+    return [eos_id]
+
+
+def generation(
+    prompts: list[list[int]], new_tokens: Any, n_ctx: int, eos_id: int | None, clip: bool = False
+) -> tuple[list[list[int]], list[int]]:
+    """A generation request, checked before any work (the command line checks it before loading the
+    weights): (each prompt's ids, started by prompt_start; each prompt's budget of new tokens, which
+    must fit the context with it, or with clip is shrunk to fit)."""
+    ids = [prompt_start(list(p), eos_id) for p in prompts]
+    return ids, [context(len(p), new_tokens, n_ctx, clip) for p in ids]
+
+
+def scorable(n_tokens: int) -> int:
+    """A text to score: a token is predicted from the ones before it, so two at least."""
+    if n_tokens < 2:
+        raise InvalidArgumentError(f"scoring needs at least 2 tokens, got {n_tokens}")
+    return n_tokens
+
+
 def context(prompt_len: int, max_new_tokens: Any, n_ctx: int, clip: bool) -> int:
     """Check a request against the context before any work; with clip, shrink max_new_tokens to fit."""
     max_new_tokens = integer("max_new_tokens", max_new_tokens, 0)

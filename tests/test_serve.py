@@ -219,7 +219,7 @@ def test_models_health_metrics_and_chat(server):
         ({"max_tokens": -1}, 400, "'max_tokens'"),
         ({"max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),
         ({"max_tokens": 1025}, 400, "'max_tokens'"),
-        ({"max_tokens": 1024}, 400, "it must be between 0 and 1023"),  # a prompt holds a token at least
+        ({"max_tokens": 1024}, 400, "must be between 0 and 1023"),  # a prompt holds a token at least
         ({"max_tokens": 1023, "prompt": "Hi there"}, 400, "maximum context length is 1024"),
         ({"n": 0}, 400, "'n'"),
         ({"n": 40}, 400, "'n'"),
