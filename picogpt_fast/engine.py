@@ -21,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels as K
-from . import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
 from . import threads as T
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix

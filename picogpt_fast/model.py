@@ -123,6 +123,17 @@ class GPT2:
         return self._backend.name
 
     @property
+    def int8_kernels(self) -> dict | None:
+        """How this int8 model multiplies on this CPU: {"dot": "plain" | "avx2" | "vnni", "prompts":
+        "gemm" | "blas"} (kernels/int8.py); None for other dtypes and the NumPy backend."""
+        if self.dtype != "int8" or self.backend != "numba":
+            return None
+        from .kernels.codes import PATH_NAMES
+
+        path = self._backend.int8_path
+        return {"dot": next(n for n, c in PATH_NAMES.items() if c == path), "prompts": self._backend.int8_prompts}
+
+    @property
     def threads(self) -> int | None:
         return self._backend.threads
 

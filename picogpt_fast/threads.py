@@ -22,10 +22,7 @@ from contextlib import contextmanager
 
 import numba
 
-from . import (
-    numba_env,  # noqa: F401  (checks Numba's environment variables before Numba reads them)
-    validate,
-)
+from . import numba_env, validate
 from .errors import ConcurrencyError
 
 
@@ -72,7 +69,9 @@ def max_threads() -> int:
 
 
 def check(threads) -> int:
-    """None (all of Numba's threads) or a count between 1 and the pool size."""
+    """None (all of Numba's threads) or a count between 1 and the pool size (and Numba's environment
+    must be sound: numba_env)."""
+    numba_env.ensure()
     if threads is None:
         return max_threads()
     return validate.integer(

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import numba_env
 from .dtypes import DTYPES
 
 PACKAGE = Path(__file__).resolve().parent
@@ -48,6 +49,7 @@ class Warmup:
 def compile_all(threads: int | None = None, dtypes=None) -> Warmup:
     """Run a tiny model through every engine path in every weight dtype (or those listed), in this
     process: what `picogpt-fast warmup` and the child of `ensure_cached` do."""
+    numba_env.ensure()
     from . import engine
     from . import kernels as K
     from . import threads as T
@@ -122,6 +124,7 @@ def _child_command(dtype: str) -> list[str]:
 def prepare(dtype: str, threads: int | None = None) -> Warmup:
     """Cache (ensure_cached) and load the kernels `dtype` needs into this process, once per process:
     what a model does at construction, so that compiling and loading stay out of its first call."""
+    numba_env.ensure()
     if dtype not in _loaded:
         child = ensure_cached(dtype)
         with _notice_if_slow():

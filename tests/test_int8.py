@@ -173,7 +173,7 @@ def test_int8_prompts_either_way_match_the_reference(model_dir, monkeypatch, pro
 
     monkeypatch.setenv("PICOGPT_FAST_INT8_PROMPT", prompts)
     eng = GPT2.from_pretrained(model_dir("small"), dtype="int8")
-    assert eng._backend.int8_prompts == prompts
+    assert eng.int8_kernels["prompts"] == prompts
     ref = GPT2(eng.config, eng.engine_weights, backend="numpy")
     one = GPT2(eng.config, eng.engine_weights, threads=1)
     rows = []
@@ -206,7 +206,7 @@ def test_a_forced_path_the_cpu_lacks_falls_back(model_dir, monkeypatch, capfd):
         capfd.readouterr()
         model = GPT2.from_pretrained(model_dir("odd"), dtype="int8")
         err = capfd.readouterr().err
-        assert model._backend.int8_path == (code if code in PATHS else PATHS[-1])
+        assert model.int8_kernels["dot"] == NAMES[code if code in PATHS else PATHS[-1]]
         assert ("cannot run the" in err) == (code not in PATHS)
         assert np.array_equal(model.forward(ids), want)
     monkeypatch.setenv("PICOGPT_FAST_INT8_KERNEL", "amx")

@@ -21,8 +21,6 @@ import tempfile
 import numba
 from numba import njit
 
-from .. import numba_env  # noqa: F401  (checks Numba's environment variables before Numba reads them)
-
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
