@@ -33,10 +33,10 @@ F32 = np.float32
 DTYPES = {"float32": F32_FORMAT, "float16": F16, "bfloat16": BF16, "int8": I8}
 STORAGE = {"float32": np.dtype(F32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 FLOAT16_MAX = 65504.0
-# The engine's matrices: EngineWeights field -> LayerWeights field of the [in, out] source.
-MATRICES = {"attn_w": "attn_w", "attn_proj_w": "attn_proj_w", "fc_w": "fc_w", "mlp_proj_w": "mlp_proj_w"}
-# Per-layer float32 vectors, stacked [L, n].
-VECTORS = ("ln_1_g", "ln_1_b", "attn_b", "attn_proj_b", "ln_2_g", "ln_2_b", "fc_b", "mlp_proj_b")
+# From the one table of GPT-2's tensors (tensors.py): each layer's matrices, stored [L, out, in] in the
+# weights' dtype, and its vectors, stacked [L, n] in float32; the fields share the tensors' names.
+MATRICES = tuple(t.field for t in tensors.LAYER if "," in t.shape)
+VECTORS = tuple(t.field for t in tensors.LAYER if "," not in t.shape)
 
 
 @dataclass
@@ -153,24 +153,21 @@ def _empty_scale() -> np.ndarray:
 
 def expected(config: GPT2Config, dtype: str, tied: bool = True) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) of EngineWeights.tensors() for a config and dtype."""
-    L, E, F, V, P = config.n_layer, config.n_embd, config.n_inner, config.n_vocab, config.n_ctx
-    store = STORAGE[dtype]
+    store, f32, L = STORAGE[dtype], np.dtype(F32), (config.n_layer,)
     out: dict = {}
 
     def matrix(name, shape):
         out[name] = (store, shape)
         if dtype == "int8":
-            out[name + ".scale"] = (np.dtype(F32), (*shape[:-1], -(-shape[-1] // GROUP)))
+            out[name + ".scale"] = (f32, (*shape[:-1], -(-shape[-1] // GROUP)))
 
-    matrix("wte", (V, E))
-    if not tied:
-        matrix("lm_head", (V, E))
-    out["wpe"] = (np.dtype(F32), (P, E))
-    for name, shape in (("attn_w", (L, 3 * E, E)), ("attn_proj_w", (L, E, E)), ("fc_w", (L, F, E)), ("mlp_proj_w", (L, E, F))):
-        matrix(name, shape)
-    sizes = {"ln_1_g": E, "ln_1_b": E, "attn_b": 3 * E, "attn_proj_b": E, "ln_2_g": E, "ln_2_b": E, "fc_b": F, "mlp_proj_b": E}
-    out.update({name: (np.dtype(F32), (L, sizes[name])) for name in VECTORS})
-    out.update({"ln_f_g": (np.dtype(F32), (E,)), "ln_f_b": (np.dtype(F32), (E,))})
+    shapes = {t.field: t.dims(config) for t in (*tensors.GLOBAL, *tensors.LAYER, tensors.LM_HEAD)}
+    for name in ("wte",) if tied else ("wte", "lm_head"):
+        matrix(name, shapes[name])  # [V, E]: rows of the embedding, as the output projection reads them
+    for name in MATRICES:
+        matrix(name, (*L, *reversed(shapes[name])))  # [in, out] in the checkpoint, rows [out, in] here
+    out.update({name: (f32, (*L, *shapes[name])) for name in VECTORS})
+    out.update({name: (f32, shapes[name]) for name in ("wpe", "ln_f_g", "ln_f_b")})
     return out
 
 
@@ -249,7 +246,7 @@ def prepare(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeigh
         wte=wte,
         lm_head=wte if weights.tied else convert(weights.lm_head, dtype, tensors.LM_HEAD.hf),
         wpe=weights.wpe,
-        **{name: stack(source) for name, source in MATRICES.items()},
+        **{name: stack(name) for name in MATRICES},
         **{name: np.stack([getattr(lw, name) for lw in layers]) for name in VECTORS},
         ln_f_g=weights.ln_f_g,
         ln_f_b=weights.ln_f_b,
@@ -275,7 +272,7 @@ def to_reference(ew: EngineWeights) -> GPT2Weights:
     dq = {name: dequantize(getattr(ew, name), ew.dtype) for name in MATRICES}
     layers = [
         LayerWeights(
-            **{source: dq[name][i].T for name, source in MATRICES.items()},
+            **{name: dq[name][i].T for name in MATRICES},
             **{name: getattr(ew, name)[i] for name in VECTORS},
         )
         for i in range(ew.attn_w.data.shape[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, ModelNotFoundError
+from .files import ALLOW_PATTERNS, CONFIG_FILE, OPENAI_FILES, SHARD_INDEX_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 
 # picoGPT's size names and the Hub repos that hold the same OpenAI weights.
 ALIASES = {
@@ -24,15 +25,6 @@ ALIASES = {
     "774M": "openai-community/gpt2-large",
     "1558M": "openai-community/gpt2-xl",
 }
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-SHARD_INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-# What snapshot_download fetches: the four files, or a sharded checkpoint's index and shards.
-ALLOW_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX_FILE, "model-*-of-*.safetensors", *TOKENIZER_FILES]
-# OpenAI's layout: config, weights (the checkpoint index), vocabulary, merges.
-OPENAI_FILES = ("hparams.json", "model.ckpt.index", "encoder.json", "vocab.bpe")
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,7 @@ from .config import GPT2Config
 from .errors import InvalidArgumentError
 from .hub import ALIASES
 from .model import GPT2
-from .reference import params_from_weights
-from .weights import GPT2Weights, LayerWeights
+from .weights import GPT2Weights, LayerWeights, params_from_weights
 
 __all__ = ["generate", "gpt2", "load_encoder_hparams_and_params"]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dtypes, tensors
+from . import dtypes
 from .config import GPT2Config
 from .session import Session
-from .weights import GPT2Weights
+from .weights import GPT2Weights, params_from_weights
 
 F32 = np.float32
 SQRT_2_OVER_PI = F32(np.sqrt(2 / np.pi))
@@ -127,20 +127,6 @@ def int8_params(params: dict, ew) -> dict:
 
 
 MATRICES = {("attn", "c_attn"): "attn_w", ("attn", "c_proj"): "attn_proj_w", ("mlp", "c_fc"): "fc_w", ("mlp", "c_proj"): "mlp_proj_w"}
-
-
-def params_from_weights(w: GPT2Weights) -> dict:
-    """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
-    blocks = []
-    for lw in w.layers:
-        block: dict = {}
-        for t in tensors.LAYER:
-            node = block
-            for key in t.picogpt[:-1]:
-                node = node.setdefault(key, {})
-            node[t.picogpt[-1]] = getattr(lw, t.field)
-        blocks.append(block)
-    return {"wte": w.wte, "wpe": w.wpe, "blocks": blocks, "ln_f": {"g": w.ln_f_g, "b": w.ln_f_b}}
 
 
 class ReferenceBackend:

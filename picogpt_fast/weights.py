@@ -29,7 +29,7 @@ import numpy as np
 from . import tensorfile, tensors, tf_checkpoint
 from .config import GPT2Config
 from .errors import CheckpointError, read_json
-from .hub import SHARD_INDEX_FILE, WEIGHTS_FILE
+from .files import SHARD_INDEX_FILE, WEIGHTS_FILE
 from .tensorfile import TensorEntry
 
 # The dtypes a checkpoint's weights may have (converted to float32 on load unless float32).
@@ -243,3 +243,17 @@ def random_weights(config: GPT2Config, seed: int = 0, std: float = 0.02) -> GPT2
 def _summarise(names: list[str], limit: int = 6) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def params_from_weights(w: GPT2Weights) -> dict:
+    """picoGPT's nested params dict over the same arrays (GPT2Weights keeps picoGPT's layout)."""
+    blocks = []
+    for lw in w.layers:
+        block: dict = {}
+        for t in tensors.LAYER:
+            node = block
+            for key in t.picogpt[:-1]:
+                node = node.setdefault(key, {})
+            node[t.picogpt[-1]] = getattr(lw, t.field)
+        blocks.append(block)
+    return {"wte": w.wte, "wpe": w.wpe, "blocks": blocks, "ln_f": {"g": w.ln_f_g, "b": w.ln_f_b}}

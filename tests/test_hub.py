@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from picogpt_fast.errors import ModelNotFoundError
-from picogpt_fast.hub import ALLOW_PATTERNS, resolve_model
+from picogpt_fast.files import ALLOW_PATTERNS
+from picogpt_fast.hub import resolve_model
 
 from .conftest import PYTHON, subprocess_env
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from picogpt_fast import picogpt
-from picogpt_fast.reference import params_from_weights
+from picogpt_fast.weights import params_from_weights
 
 from .conftest import PYTHON, subprocess_env
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from picogpt_fast import reference as R
+from picogpt_fast.weights import params_from_weights
 
 
 def picogpt_as_published(inputs, wte, wpe, blocks, ln_f, n_head):
@@ -45,7 +46,7 @@ def test_reference_stays_float32_and_matches_picogpt(models):
     ids = [464, 2068, 7586, 21831, 11687, 625, 262]
     ours = reference.forward(ids)
     assert ours.dtype == np.float32 and ours.shape == (len(ids), 50257)
-    params = R.params_from_weights(reference.weights)
+    params = params_from_weights(reference.weights)
     published = picogpt_as_published(ids, **params, n_head=reference.config.n_head)
     assert published.dtype == np.float64  # the drift this reference fixes
     diff = np.abs(ours - published).max()
