@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, cli_dataset
 from .errors import InvalidArgumentError, PicoGPTError
 from .tokenizer import check_text
 
@@ -74,82 +74,6 @@ _dtype_option = click.option(
     help="Weight dtype: float32 (default; or the dtype of a folder written by `convert`), float16, bfloat16 or "
     "int8 (one scale per 32 inputs). Converted once and cached (PICOGPT_FAST_CACHE).",
 )
-
-
-def _dataset_options(column_default: str):
-    """--dataset/--out and the Ray options shared by `run` and `score`."""
-    options = [
-        click.option(
-            "--dataset",
-            default=None,
-            help="Rows to process with Ray Data: a .parquet, .jsonl/.json or .csv file, a folder of them, "
-            "or a URI (s3://...) (pip install 'picogpt-fast[ray]').",
-        ),
-        click.option(
-            "--out",
-            default=None,
-            help="With --dataset: where the rows go with their results: a .parquet, .jsonl or .csv file, or a folder of Parquet files.",
-        ),
-        click.option("--column", default=column_default, show_default=True, help="With --dataset: the column holding the text."),
-        click.option(
-            "--ray-address",
-            default=None,
-            help="With --dataset: a Ray cluster to join (auto, ray://host:10001); default: start a local one.",
-        ),
-        click.option(
-            "--actors", type=int, default=None, help="With --dataset: model replicas (default: the cluster's CPUs / --cpus-per-actor)."
-        ),
-        click.option("--cpus-per-actor", type=float, default=1.0, show_default=True, help="With --dataset: CPUs (threads) per replica."),
-        click.option("--batch-size", type=int, default=16, show_default=True, help="With --dataset: rows per call to a replica."),
-        click.option("--verbose", is_flag=True, help="With --dataset: show Ray's own logs and progress."),
-    ]
-
-    def decorate(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
-
-
-def _run_dataset(kind: str, dataset, out, quiet, ray_address, verbose, **kwargs) -> None:
-    """Process --dataset into --out with Ray (the options were checked by the caller's dataset function)."""
-    from . import ray as rd
-
-    if out is None:
-        raise InvalidArgumentError("--dataset needs --out (a .parquet, .jsonl or .csv file, or a folder)")
-    # everything that can be checked is checked before Ray starts (which takes seconds)
-    rd.check_paths(dataset, out)
-    rd.check_column(dataset, kwargs["column"])
-    rd.check_pool(kwargs["actors"], kwargs["cpus_per_actor"], kwargs["batch_size"])
-    config = rd.check_model(kwargs["model"], kwargs["dtype"], kwargs["revision"])
-    if kind == "run":
-        from . import validate
-
-        validate.max_new_tokens(kwargs["max_new_tokens"], config.n_ctx, "--max-new-tokens")
-    t0 = time.perf_counter()
-    with rd.quiet_stderr(verbose), rd.one_line_errors():
-        rd.connect(ray_address, verbose)
-        ds = rd.read(dataset, kwargs["column"])
-        result = (rd.score_dataset if kind == "score" else rd.generate_dataset)(ds, **kwargs)
-        rows = rd.write(result, out)
-    _info(quiet, f"wrote {rows} rows to {out} in {time.perf_counter() - t0:.1f} s")
-
-
-def _no_dataset_options(command: str, dataset, out, **given) -> None:
-    if out is not None and dataset is None:
-        raise InvalidArgumentError(f"--out goes with --dataset (picogpt-fast {command} --dataset IN --out OUT)")
-    if dataset is None:
-        changed = [name for name, (value, default) in given.items() if value != default]
-        if changed:
-            raise InvalidArgumentError(f"{changed[0]} goes with --dataset")
-
-
-def _refuse_with_dataset(others: dict) -> None:
-    """--dataset writes to --out: the options of a single-process run (given as name: value) clash with it."""
-    clash = next((name for name, value in others.items() if value), None)
-    if clash:
-        raise InvalidArgumentError(f"--dataset writes its results to --out; it cannot be combined with {clash}")
 
 
 def _model_name(model: str, models_dir: str | None) -> str:
@@ -229,7 +153,7 @@ def cli():
     default=None,
     help='Prompts as JSON lines ("text" or {"prompt": "text"}); writes one JSON line per prompt.',
 )
-@_dataset_options("prompt")
+@cli_dataset.options("prompt")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def run(
     prompt,
@@ -255,15 +179,8 @@ def run(
     logprobs,
     prompt_file,
     jsonl_file,
-    dataset,
-    out,
-    column,
-    ray_address,
-    actors,
-    cpus_per_actor,
-    batch_size,
-    verbose,
     quiet,
+    **dataset,
 ):
     """Generate a continuation of PROMPT (an empty prompt starts from <|endoftext|>).
 
@@ -276,58 +193,29 @@ def run(
     sampling = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
     )
-    _no_dataset_options(
+    clashes = {"PROMPT": prompt is not None, "--file": prompt_file, "--jsonl": jsonl_file, "--stream": stream, "--echo": echo}
+    clashes.update({"--json": as_json, "--logprobs": logprobs, "--clip": clip, "--backend numpy": backend != "numba"})
+    clashes["--threads (use --cpus-per-actor)"] = threads is not None
+    stop = [_utf8(s, "--stop") for s in stop]
+    if cli_dataset.job(
         "run",
         dataset,
-        out,
-        **{
-            "--column": (column, "prompt"),
-            "--ray-address": (ray_address, None),
-            "--actors": (actors, None),
-            "--cpus-per-actor": (cpus_per_actor, 1.0),
-            "--batch-size": (batch_size, 16),
-            "--verbose": (verbose, False),
-        },
-    )
-    if dataset is not None:
-        _refuse_with_dataset(
-            {
-                "PROMPT": prompt is not None,
-                "--file": prompt_file,
-                "--jsonl": jsonl_file,
-                "--stream": stream,
-                "--echo": echo,
-                "--json": as_json,
-                "--logprobs": logprobs,
-                "--clip": clip,
-                "--backend numpy": backend != "numba",
-                "--threads (use --cpus-per-actor)": threads is not None,
-            }
-        )
-        return _run_dataset(
-            "run",
-            dataset,
-            out,
-            quiet,
-            ray_address,
-            verbose,
-            model=_model_name(model, models_dir),
-            column=column,
-            max_new_tokens=max_new_tokens,
-            dtype=dtype,
-            revision=revision,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=[_utf8(x, "--stop") for x in stop],
-            stop_at_eos=not ignore_eos,
-            actors=actors,
-            cpus_per_actor=cpus_per_actor,
-            batch_size=batch_size,
-        )
+        clashes,
+        lambda text: _info(quiet, text),
+        model=_model_name(model, models_dir),
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
+        revision=revision,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        stop_at_eos=not ignore_eos,
+    ):
+        return
     batch = prompt_file is not None or jsonl_file is not None
     if batch and prompt is not None:
         raise InvalidArgumentError("give either PROMPT or --file/--jsonl, not both")
@@ -345,7 +233,6 @@ def run(
         prompts = [piped[:-1] if piped.endswith("\n") else piped]
     else:
         prompts = [_utf8(prompt, "PROMPT")]
-    stop = [_utf8(s, "--stop") for s in stop]
 
     resolved = _resolve(model, models_dir, revision)
     from . import validate
@@ -569,7 +456,7 @@ def tokenize(text, model, models_dir, revision, decode, allow_special, as_json):
     "--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context)."
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens", "nll", "perplexity"} (and the comparison with --against).')
-@_dataset_options("text")
+@cli_dataset.options("text")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def score(
     file,
@@ -582,15 +469,8 @@ def score(
     against,
     stride,
     as_json,
-    dataset,
-    out,
-    column,
-    ray_address,
-    actors,
-    cpus_per_actor,
-    batch_size,
-    verbose,
     quiet,
+    **dataset,
 ):
     """Mean negative log-likelihood and perplexity of FILE's text under the model.
 
@@ -599,48 +479,16 @@ def score(
     import math
 
     from . import validate
-    from .model import mean_nll
+    from .scoring import mean_nll
 
     _need_stdout()
-    _no_dataset_options(
-        "score",
-        dataset,
-        out,
-        **{
-            "--column": (column, "text"),
-            "--ray-address": (ray_address, None),
-            "--actors": (actors, None),
-            "--cpus-per-actor": (cpus_per_actor, 1.0),
-            "--batch-size": (batch_size, 16),
-            "--verbose": (verbose, False),
-        },
-    )
-    if dataset is not None:
-        _refuse_with_dataset(
-            {
-                "FILE": file,
-                "--against": against,
-                "--json": as_json,
-                "--backend numpy": backend != "numba",
-                "--threads (use --cpus-per-actor)": threads is not None,
-            }
-        )
-        return _run_dataset(
-            "score",
-            dataset,
-            out,
-            quiet,
-            ray_address,
-            verbose,
-            model=_model_name(model, models_dir),
-            column=column,
-            dtype=dtype,
-            revision=revision,
-            stride=stride,
-            actors=actors,
-            cpus_per_actor=cpus_per_actor,
-            batch_size=batch_size,
-        )
+    clashes = {"FILE": file, "--against": against, "--json": as_json, "--backend numpy": backend != "numba"}
+    clashes["--threads (use --cpus-per-actor)"] = threads is not None
+    info = lambda text: _info(quiet, text)  # noqa: E731
+    if cli_dataset.job(
+        "score", dataset, clashes, info, model=_model_name(model, models_dir), dtype=dtype, revision=revision, stride=stride
+    ):
+        return
     if file is None:
         raise InvalidArgumentError("score needs FILE (or --dataset IN --out OUT)")
 

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import dtypes, generation, validate
+from . import dtypes, generation, scoring, validate
 from .config import GPT2Config
 from .dtypes import EngineWeights
 from .errors import InvalidArgumentError
-from .generation import Completion, Timings, log_softmax
+from .generation import Completion, Timings
 from .sampling import SamplingParams
 from .session import Session
 from .tokenizer import Tokenizer
@@ -268,7 +268,7 @@ class GPT2:
             if text:
                 yield text
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ scoring (scoring.py)
     def score(self, ids: Sequence[int] | str, stride: int | None = None) -> np.ndarray:
         """Log-probability (natural log, float64) of each token given the ones before it: [len(ids) - 1].
 
@@ -279,9 +279,8 @@ class GPT2:
         """
         ids = self._ids(ids)
         out = np.full(max(len(ids) - 1, 0), np.nan)
-        for _, logits, first, end in self._windows(ids, stride):
-            targets = np.asarray(ids[first:end], dtype=np.int64)
-            out[first - 1 : end - 1] = token_logprobs(validate.finite_logits(logits), targets)
+        for logits, first, end in self._windows(ids, stride):
+            out[first - 1 : end - 1] = scoring.token_logprobs(logits, np.asarray(ids[first:end], dtype=np.int64))
         return out
 
     def divergence(self, baseline: GPT2, ids: Sequence[int] | str, stride: int | None = None) -> dict:
@@ -292,47 +291,14 @@ class GPT2:
         if baseline.config != self.config:
             raise InvalidArgumentError("divergence() compares two versions of one model; these configs differ")
         ids = self._ids(ids)
-        kl, same, n = 0.0, 0, 0
-        for (_, theirs, _, _), (_, logits, _, _) in zip(baseline._windows(ids, stride), self._windows(ids, stride)):
-            p, q = log_softmax(validate.finite_logits(theirs)), log_softmax(validate.finite_logits(logits))
-            kl += float(np.sum(np.exp(p) * (p - q)))
-            same += int(np.count_nonzero(p.argmax(-1) == q.argmax(-1)))
-            n += len(p)
-        return {"tokens": len(ids), "scored": n, "kl_divergence": kl / n, "top1_agreement": same / n}
+        pairs = ((theirs, ours) for (theirs, _, _), (ours, _, _) in zip(baseline._windows(ids, stride), self._windows(ids, stride)))
+        return {"tokens": len(ids), **scoring.divergence(pairs)}
 
     def _windows(self, ids: list[int], stride: int | None):
-        """transformers' sliding windows over ids: (begin, logits predicting ids[first:end], first, end)
-        for each window, every scored token once (see score)."""
-        n, n_ctx = validate.scorable(len(ids)), self.config.n_ctx
-        stride = (
-            max(n_ctx // 2, 1)
-            if stride is None
-            else validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
-        )
-        prev_end = 0
-        with self._session(1, min(n, n_ctx)) as session:
-            for begin in range(0, n, stride):
-                end = min(begin + n_ctx, n)
-                first = max(prev_end, begin + 1)  # first token this window scores
+        """(logits predicting ids[first:end], first, end) for each of scoring.windows, computed in
+        one session of this call's own (a window's logits are valid until the next)."""
+        with self._session(1, min(len(ids), self.config.n_ctx)) as session:
+            for begin, first, end in scoring.windows(len(ids), self.config.n_ctx, stride):
                 session.reset()
                 logits = session.prefill(ids[begin:end], all_logits=True)
-                yield begin, logits[first - begin - 1 : end - begin - 1], first, end
-                prev_end = end
-                if end == n:
-                    break
-
-
-def mean_nll(logprobs: np.ndarray) -> tuple[float, int]:
-    """(mean negative log-likelihood, tokens scored) of `score`'s result, whose unscored positions
-    are NaN (a model that produced NaN logits raised in `score`)."""
-    scored = logprobs[~np.isnan(logprobs)]
-    return (float(-scored.mean()) if len(scored) else float("nan")), len(scored)
-
-
-def token_logprobs(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """log_softmax(logits)[i, targets[i]] in float64, a few rows at a time to bound memory."""
-    out = np.empty(len(targets), np.float64)
-    for i in range(0, len(targets), chunk):
-        lp = log_softmax(logits[i : i + chunk])
-        out[i : i + chunk] = lp[np.arange(len(lp)), targets[i : i + chunk]]
-    return out
+                yield validate.finite_logits(logits[first - begin - 1 : end - begin - 1]), first, end

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from . import dtypes, validate
 from .errors import InvalidArgumentError, PicoGPTError
-from .model import mean_nll
 from .sampling import SamplingParams
+from .scoring import mean_nll
 
 SCORE_COLUMNS = ("tokens", "nll", "perplexity", "error")
 # A row's problem found while reading it (a JSON line that does not parse, text that is not valid

@@ -111,7 +111,7 @@ def test_malformed_rows_are_recorded_and_the_job_goes_on(local_ray, folder, mode
     prompts = [{"prompt": "short"}, {"prompt": " word" * 300}, {"prompt": None}]
     out = generate_dataset(ray.data.from_items(prompts), str(folder), max_new_tokens=5, actors=1).take_all()
     by_error = sorted((r["error"] or "") for r in out)
-    assert by_error[0] == "" and "exceed the context of 256" in by_error[1] and "no text (null)" in by_error[2]
+    assert by_error[0] == "" and "the model's context is 256" in by_error[1] and "no text (null)" in by_error[2]
     ok = next(r for r in out if r["error"] is None)
     assert ok["ids"] == model.generate("short", 5)
 
