@@ -60,6 +60,11 @@ class Request:
     cancelled: bool = False  # set by cancel(); the slot is freed at the next step
     submitted: float = field(default_factory=time.perf_counter)
 
+    def sequence(self, model) -> Sequence:
+        """The `generation.Sequence` that chooses this request's tokens, as `GPT2.generate` would."""
+        kw = dict(stop=self.stop, stop_at_eos=self.stop_at_eos, eos_id=model.eos_id, logprobs=self.logprobs)
+        return Sequence(self.prompt, self.budget, self.params, model.tokenizer, **kw)
+
 
 @dataclass
 class _Slot:
@@ -69,20 +74,145 @@ class _Slot:
     chose: bool = False  # whether the first token was chosen (time to first token)
 
 
+class Batch:
+    """The sequence slots of one session, worked by the scheduler's loop: a request is admitted into a
+    free slot, its prompt prefilled a chunk at a time, then decoded a token per step with the others,
+    and its slot freed when it ends. `changed()` is called when a slot is freed."""
+
+    def __init__(self, model, size: int, metrics, changed: Callable[[], None]):
+        self.model, self.metrics, self.changed = model, metrics, changed
+        self.session = model.session(size, model.config.n_ctx)
+        self.slots: list[_Slot | None] = [None] * size
+        self.turn = 0  # the slot whose prompt prefills next
+        self.peak = 0  # the most slots ever held at once
+
+    @property
+    def busy(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def free(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None]
+
+    def admit(self, i: int, request: Request) -> None:
+        self.slots[i] = _Slot(request, request.sequence(self.model))
+        self.session.reset(i)
+        self.peak = max(self.peak, self.busy)
+
+    def cancelling(self) -> bool:
+        return any(s is not None and s.request.cancelled for s in self.slots)
+
+    def cancel_all(self) -> None:
+        for slot in filter(None, self.slots):
+            slot.request.cancelled = True
+
+    def end_cancelled(self, message: str) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.request.cancelled:
+                self.end(i, "error", message)
+
+    def fail_all(self, message: str) -> None:
+        """A bug, not a bad request: fail what is running and start afresh."""
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                self.end(i, "error", message)
+        self.session.reset()
+
+    def prefill_chunk(self) -> bool:
+        """Prefill one chunk of the next prompt still being read; True if there was one."""
+        for k in range(len(self.slots)):
+            i = (self.turn + k) % len(self.slots)
+            slot = self.slots[i]
+            if slot is None or slot.filled == len(slot.request.prompt):
+                continue
+            self.turn, r = i + 1, slot.request
+            if r.budget == 0 and not r.prompt_logprobs:  # nothing to generate: nothing to compute
+                self.end(i, "done")
+                return True
+            begin, end = (slot.filled + b for b in self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0])
+            try:
+                logits = self.session.prefill(r.prompt[begin:end], seq=i, all_logits=r.prompt_logprobs)
+            except PicoGPTError as e:
+                self.end(i, "error", str(e))
+                return True
+            slot.filled = end
+            if r.prompt_logprobs:  # this chunk's tokens, each with the entry of the row before it
+                first = begin + (1 if begin else 0)
+                entries = prompt_entries(logits, r.prompt, begin, max(r.logprobs, 1), self.model.tokenizer)
+                _tell(r, "prompt_logprobs", (r.prompt[first : min(end, len(r.prompt) - 1) + 1], entries))
+                logits = logits[-1]
+            if end == len(r.prompt):
+                self.end(i, "done") if r.budget == 0 else self._accept(i, logits)
+            return True
+        return False
+
+    def decode_step(self) -> bool:
+        """Decode one token for every sequence past its prompt; True if there was one."""
+        rows = [i for i, s in enumerate(self.slots) if s is not None and s.filled == len(s.request.prompt)]
+        if not rows:
+            return False
+        try:
+            logits = self.session.decode([self.slots[i].seq.last for i in rows], rows)
+        except PicoGPTError as e:
+            for i in rows:
+                self.end(i, "error", str(e))
+            return True
+        for row, i in enumerate(rows):
+            self._accept(i, logits[row])
+        return True
+
+    def end(self, i: int, how: str, message: str = "") -> None:
+        """Free slot i: the request is done (what was held back is released), or failed with `message`."""
+        slot = self.slots[i]
+        if how == "done":
+            self._send(slot, *slot.seq.finish())
+            _tell(slot.request, "done", slot.seq.completion)
+        else:
+            _tell(slot.request, "error", message)
+        self.slots[i] = None
+        self.session.reset(i)
+        self.changed()
+
+    def _accept(self, i: int, logits: np.ndarray) -> None:
+        slot = self.slots[i]
+        try:
+            ids, text, more = slot.seq.accept(logits)
+        except PicoGPTError as e:
+            self.end(i, "error", str(e))
+            return
+        if not slot.chose and self.metrics is not None and slot.request.counted:
+            self.metrics.first_token(time.perf_counter() - slot.request.submitted)
+        slot.chose = True
+        self._send(slot, ids, text)
+        if not more:
+            self.end(i, "done")
+
+    def _send(self, slot: _Slot, ids: list[int], text: str) -> None:
+        """Pass released tokens on, with their log-probability entries."""
+        if ids or text:
+            if self.metrics is not None and ids and slot.request.counted:
+                self.metrics.generated(len(ids))
+            _tell(slot.request, "tokens", (ids, text, slot.seq.entries(len(ids)) if slot.request.logprobs else []))
+
+
 class Scheduler:
     """Serves `Request`s on `model` with up to `max_batch` decoding together and `max_queue` waiting."""
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
-        self.model, self.max_batch, self.max_queue, self.metrics = model, max_batch, max_queue, metrics
-        self.session = model.session(max_batch, model.config.n_ctx)
-        self.slots: list[_Slot | None] = [None] * max_batch
+        self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.batch = Batch(model, max_batch, metrics, changed=self._changed)
         self.queue: collections.deque[Request] = collections.deque()
         self.wake = threading.Condition()
         self.accepting, self.running, self.stopping = True, True, False
-        self.turn = 0  # the slot whose prompt prefills next
-        self.peak_busy = 0  # the most slots ever held at once
         self.thread: threading.Thread | None = None  # the thread running the loop
         self.finished = threading.Event()
+
+    @property
+    def busy(self) -> int:
+        return self.batch.busy
+
+    @property
+    def peak_busy(self) -> int:
+        return self.batch.peak
 
     def start(self) -> Scheduler:
         """Run the loop on a new thread."""
@@ -95,7 +225,7 @@ class Scheduler:
         ~1.5x slower on 2 cores (its worker threads sleep between kernels instead of spinning)."""
         self.thread = threading.current_thread()
         try:
-            while self.running or any(self.slots):
+            while self.running or self.batch.busy:
                 self._step()
         finally:
             self.finished.set()
@@ -133,142 +263,44 @@ class Scheduler:
         self.drain()
         self.stopping = True
         deadline = time.monotonic() + grace
-        while (self.queue or any(self.slots)) and time.monotonic() < deadline and self.thread is not None and not self.finished.is_set():
+        while (self.queue or self.batch.busy) and time.monotonic() < deadline and self.thread is not None and not self.finished.is_set():
             time.sleep(0.01)
         with self.wake:
             while self.queue:
                 _tell(self.queue.popleft(), "error", "cancelled: the server is shutting down")
-            for slot in filter(None, self.slots):
-                slot.request.cancelled = True
+            self.batch.cancel_all()
             self.running = False
             self.wake.notify()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.finished.wait(timeout=5)
 
-    @property
-    def busy(self) -> int:
-        return sum(s is not None for s in self.slots)
-
-    # ------------------------------------------------------------------ the loop
     def _step(self) -> None:
+        """One iteration of the loop (see the module's docstring)."""
         try:
-            for i, slot in enumerate(self.slots):
-                if slot is not None and slot.request.cancelled:
-                    self._end(i, "error", "cancelled: the server is shutting down" if self.stopping else "cancelled")
-            self._admit()
-            worked = self._prefill_chunk()
-            worked = self._decode_step() or worked
+            self.batch.end_cancelled("cancelled: the server is shutting down" if self.stopping else "cancelled")
+            with self.wake:
+                for i in self.batch.free():
+                    if self.queue and self.running:
+                        self.batch.admit(i, self.queue.popleft())
+                self._gauges()
+            worked = self.batch.prefill_chunk()
+            worked = self.batch.decode_step() or worked
         except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
             traceback.print_exc()
-            for i, slot in enumerate(self.slots):
-                if slot is not None:
-                    self._end(i, "error", f"internal error: {type(e).__name__}: {e}")
-            self.session.reset()
+            self.batch.fail_all(f"internal error: {type(e).__name__}: {e}")
             return
         if not worked:
             with self.wake:
-                if self.running and not self.queue and not any(s is not None and s.request.cancelled for s in self.slots):
+                if self.running and not self.queue and not self.batch.cancelling():
                     self.wake.wait(timeout=0.5)
 
-    def _admit(self) -> None:
-        with self.wake:
-            for i, slot in enumerate(self.slots):
-                if slot is None and self.queue and self.running:
-                    r, m = self.queue.popleft(), self.model
-                    seq = Sequence(
-                        r.prompt,
-                        r.budget,
-                        r.params,
-                        m.tokenizer,
-                        stop=r.stop,
-                        stop_at_eos=r.stop_at_eos,
-                        eos_id=m.eos_id,
-                        logprobs=r.logprobs,
-                    )
-                    self.slots[i] = _Slot(r, seq)
-                    self.session.reset(i)
-            self._gauges()
-
-    def _prefill_chunk(self) -> bool:
-        """Prefill one chunk of the next prompt still being read; True if there was one."""
-        for k in range(self.max_batch):
-            i = (self.turn + k) % self.max_batch
-            slot = self.slots[i]
-            if slot is None or slot.filled == len(slot.request.prompt):
-                continue
-            self.turn, r = i + 1, slot.request
-            if r.budget == 0 and not r.prompt_logprobs:  # nothing to generate: nothing to compute
-                self._end(i, "done")
-                return True
-            begin, end = (slot.filled + b for b in self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0])
-            try:
-                logits = self.session.prefill(r.prompt[begin:end], seq=i, all_logits=r.prompt_logprobs)
-            except PicoGPTError as e:
-                self._end(i, "error", str(e))
-                return True
-            slot.filled = end
-            if r.prompt_logprobs:  # this chunk's tokens, each with the entry of the row before it
-                first = begin + (1 if begin else 0)
-                entries = prompt_entries(logits, r.prompt, begin, max(r.logprobs, 1), self.model.tokenizer)
-                _tell(r, "prompt_logprobs", (r.prompt[first : min(end, len(r.prompt) - 1) + 1], entries))
-                logits = logits[-1]
-            if end == len(r.prompt):
-                self._end(i, "done") if r.budget == 0 else self._accept(i, logits)
-            return True
-        return False
-
-    def _decode_step(self) -> bool:
-        rows = [i for i, s in enumerate(self.slots) if s is not None and s.filled == len(s.request.prompt)]
-        if not rows:
-            return False
-        try:
-            logits = self.session.decode([self.slots[i].seq.last for i in rows], rows)
-        except PicoGPTError as e:
-            for i in rows:
-                self._end(i, "error", str(e))
-            return True
-        for row, i in enumerate(rows):
-            self._accept(i, logits[row])
-        return True
-
-    def _accept(self, i: int, logits: np.ndarray) -> None:
-        slot = self.slots[i]
-        try:
-            ids, text, more = slot.seq.accept(logits)
-        except PicoGPTError as e:
-            self._end(i, "error", str(e))
-            return
-        if not slot.chose and self.metrics is not None and slot.request.counted:
-            self.metrics.first_token(time.perf_counter() - slot.request.submitted)
-        slot.chose = True
-        self._send(slot, ids, text)
-        if not more:
-            self._end(i, "done")
-
-    def _send(self, slot: _Slot, ids: list[int], text: str) -> None:
-        """Pass released tokens on, with their log-probability entries."""
-        if ids or text:
-            if self.metrics is not None and ids and slot.request.counted:
-                self.metrics.generated(len(ids))
-            _tell(slot.request, "tokens", (ids, text, slot.seq.entries(len(ids)) if slot.request.logprobs else []))
-
-    def _end(self, i: int, how: str, message: str = "") -> None:
-        """Free slot i: the request is done (what was held back is released), or failed with `message`."""
-        slot = self.slots[i]
-        if how == "done":
-            self._send(slot, *slot.seq.finish())
-            _tell(slot.request, "done", slot.seq.completion)
-        else:
-            _tell(slot.request, "error", message)
-        self.slots[i] = None
-        self.session.reset(i)
+    def _changed(self) -> None:
         with self.wake:
             self._gauges()
 
     def _gauges(self) -> None:
-        self.peak_busy = max(self.peak_busy, self.busy)
         if self.metrics is not None:
-            self.metrics.occupancy(self.busy, len(self.queue))
+            self.metrics.occupancy(self.batch.busy, len(self.queue))
 
 
 def _tell(request: Request, kind: str, payload) -> None:

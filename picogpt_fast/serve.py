@@ -189,7 +189,7 @@ class Server:
             job = await self._job(request)
             events = _Events(live=job.stream)
             choices = [openai.Choice(job, i, self.model.tokenizer) for i in range(job.size)]
-            requests = [self._request(job, i, events.sink(i)) for i in range(job.size)]
+            requests = [_request(job, i, events.sink(i)) for i in range(job.size)]
             self.scheduler.submit(requests)
         except (QueueFull, ShuttingDown, ApiError) as e:
             e = _api_error(e)
@@ -207,19 +207,7 @@ class Server:
             raise ApiError(
                 503, "the server is shutting down" if self.draining else "the server is still loading; retry shortly", kind="server_error"
             )
-        raw = bytearray()
-        try:
-            async for part in request.stream():  # counted as it arrives, with or without a Content-Length
-                raw += part
-                if len(raw) > MAX_BODY:
-                    raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB")
-        except ClientDisconnect:
-            raise ApiError(400, "the client went away before its request arrived") from None
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({str(e)[:100]})") from None
-        m = self.model
+        body, m = await _read_json(request), self.model
         return await asyncio.to_thread(  # tokenizing a long prompt should not hold up other streams
             openai.parse_completion,
             body,
@@ -228,20 +216,6 @@ class Server:
             n_ctx=m.config.n_ctx,
             n_vocab=m.config.n_vocab,
             max_sequences=self.scheduler.max_queue,
-        )
-
-    @staticmethod
-    def _request(job: openai.Job, index: int, sink) -> Request:
-        prompt, params = job.sequence(index)
-        return Request(
-            prompt,
-            job.max_tokens,
-            params,
-            sink,
-            stop=job.stop,
-            stop_at_eos=job.stop_at_eos,
-            logprobs=0 if job.logprobs is None else max(job.logprobs, 1),
-            prompt_logprobs=job.echo and job.logprobs is not None,
         )
 
     async def _pieces(self, job, choices, requests, events):
@@ -278,6 +252,37 @@ class Server:
         self.metrics.requests.labels("error").inc()
         print(f"picogpt-fast serve: internal error on {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return _error(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
+
+
+async def _read_json(request: HTTPRequest):
+    """The request's body as JSON, counted as it arrives (with or without a Content-Length)."""
+    raw = bytearray()
+    try:
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB")
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before its request arrived") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:100]})") from None
+
+
+def _request(job: openai.Job, index: int, sink) -> Request:
+    """The scheduler's request for sequence `index` of a job."""
+    prompt, params = job.sequence(index)
+    return Request(
+        prompt,
+        job.max_tokens,
+        params,
+        sink,
+        stop=job.stop,
+        stop_at_eos=job.stop_at_eos,
+        logprobs=0 if job.logprobs is None else max(job.logprobs, 1),
+        prompt_logprobs=job.echo and job.logprobs is not None,
+    )
 
 
 def _api_error(e: Exception) -> ApiError:

@@ -92,7 +92,7 @@ def test_requests_arriving_at_any_time_get_their_solo_results(model):
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
     scheduler = Scheduler(model, max_batch=2, max_queue=4)
-    log = scheduler.session = CallLog(scheduler.session)
+    log = scheduler.batch.session = CallLog(scheduler.batch.session)
     scheduler.start()
     try:
         short, rec_short = request(model, "Hi", 60, temperature=0)

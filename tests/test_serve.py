@@ -571,8 +571,8 @@ def test_echo_with_logprobs_keeps_no_logits(model):
     from picogpt_fast.scheduler import Request, Scheduler
 
     scheduler = Scheduler(model, max_batch=4, max_queue=8)
-    scheduler.session.prefill(list(range(300)), seq=0, all_logits=True)  # buffers for a chunk's logits, as any request uses
-    scheduler.session.reset()
+    scheduler.batch.session.prefill(list(range(300)), seq=0, all_logits=True)  # buffers for a chunk's logits, as any request uses
+    scheduler.batch.session.reset()
     prompt = list(range(1000, 1900))
     done, events = [], []
     requests = [
