@@ -65,10 +65,13 @@ def test_time_to_first_token_warm_cache(benchmark, record, folder124):
     record("start-up: process start to first token, 124M, warm cache")
     runs, cli = [], []
 
-    def run():
+    def run():  # the timed part: one process, start to first token
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", FIRST_TOKEN, str(folder124)], capture_output=True, text=True, check=True)
         runs.append((round(time.perf_counter() - t0, 3), json.loads(r.stdout)))
+
+    benchmark.pedantic(run, rounds=5)
+    for _ in range(5):
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "picogpt_fast", "run", "Hello", "-n", "1", "-q", "--model", str(folder124)],
@@ -76,8 +79,6 @@ def test_time_to_first_token_warm_cache(benchmark, record, folder124):
             capture_output=True,
         )
         cli.append(round(time.perf_counter() - t0, 3))
-
-    benchmark.pedantic(run, rounds=5)
     benchmark.extra_info["script_wall_seconds"] = [wall for wall, _ in runs]
     benchmark.extra_info["cli_run_wall_seconds"] = cli  # `picogpt-fast run "Hello" -n 1`, start to exit
     # seconds since the script started, and RSS in MB, after each stage (the median run)

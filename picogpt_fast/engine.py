@@ -72,7 +72,7 @@ def int8_path(dtype: str) -> int:
 def int8_prompts(path: int) -> str:
     """How int8 prompts multiply: "gemm", the integer GEMM (kernels/int8.py), where the CPU has VNNI;
     else "blas", NumPy's BLAS on the dequantized weights and the same quantized activations, which
-    measured faster than the integer GEMM with AVX2 alone (README, "Weight dtypes").
+    measured faster than an integer GEMM with AVX2 alone (docs/performance.md).
     PICOGPT_FAST_INT8_PROMPT=gemm|blas chooses."""
     requested = os.environ.get(INT8_PROMPT_ENV) or "auto"
     if requested not in ("auto", "gemm", "blas"):
@@ -327,7 +327,7 @@ class NumbaSession(Session):
 
     def _linear_int8(self, x, lin: Linear, out, mode, many: bool, norm, h) -> None:
         """_linear for int8 weights: the activations are quantized (kernels/int8.py), then multiplied
-        in integers; every output is bitwise the same whichever of the two kernels computes it."""
+        in integers, by the decode kernels for few rows and by the GEMM for a prompt's."""
         b = self.backend
         x8, xs = self.state.quantized(x.shape[0], x.shape[1])
         if not many:

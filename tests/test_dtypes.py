@@ -63,6 +63,17 @@ def test_conversions_refuse_values_they_cannot_hold():
 
 
 # --------------------------------------------------------------------------- the engine in every dtype
+def assert_rows_close(dtype: str, rows: np.ndarray, what: str) -> None:
+    """rows: the largest |difference| of each row's logits. Every row within LOGIT_TOL, except in int8,
+    where an activation rounded the other way moves a few rows further (see INT8_ROWS_WITHIN_TOL)."""
+    within = float(np.mean(rows < LOGIT_TOL))
+    print(f"{dtype}: max |{what}| = {rows.max():.2e}; rows within {LOGIT_TOL}: {within:.1%}")
+    if dtype == "int8":
+        assert within >= INT8_ROWS_WITHIN_TOL and rows.max() < INT8_MAX_DIFF
+    else:
+        assert rows.max() < LOGIT_TOL
+
+
 @pytest.fixture(scope="module")
 def pairs(model_dir):
     """dtype -> (engine, reference on the dequantized weights), from the same checkpoint."""
@@ -80,13 +91,7 @@ def test_logits_and_greedy_ids_match_the_reference(pairs, dtype):
     rows = []
     for ids in prompts(5, eng.config.n_ctx, seed=1) + [list(range(eng.config.n_ctx))]:  # short, BLAS-sized, full
         rows += list(np.abs(eng.forward(ids) - ref.forward(ids)).max(axis=1))
-    rows = np.array(rows)
-    within = float(np.mean(rows < LOGIT_TOL))
-    print(f"{dtype}: max |engine - reference| = {rows.max():.2e}; rows within {LOGIT_TOL}: {within:.1%}")
-    if dtype == "int8":
-        assert within >= INT8_ROWS_WITHIN_TOL and rows.max() < INT8_MAX_DIFF
-    else:
-        assert rows.max() < LOGIT_TOL
+    assert_rows_close(dtype, np.array(rows), "engine - reference")
     tie_gap = INT8_TIE_GAP if dtype == "int8" else TIE_GAP
     compared = 0
     for ids in prompts(12, eng.config.n_ctx, seed=2):
@@ -105,8 +110,8 @@ def test_logits_and_greedy_ids_match_the_reference(pairs, dtype):
 def test_kv_cache_batches_and_threads_are_bitwise_invariant(pairs, dtype):
     eng, _ = pairs[dtype]
     ids = prompts(1, eng.config.n_ctx, seed=3)[0][:1] * 20  # a prompt through BLAS, then decoding
-    new, cached = decode_logits(eng, ids, 12)
-    np.testing.assert_allclose(cached, eng.forward(ids + new)[len(ids) - 1 : -1], atol=1e-4, rtol=0)
+    new, cached = decode_logits(eng, ids, 12)  # against recomputing: attention's float order differs
+    assert_rows_close(dtype, np.abs(cached - eng.forward(ids + new)[len(ids) - 1 : -1]).max(axis=1), "cached - recomputed")
     one = GPT2(eng.config, eng.engine_weights, eng.tokenizer, threads=1)
     assert np.array_equal(decode_logits(one, ids, 12)[1], cached)
     batch = [[5, 6, 7], [100], [9, 8, 7, 6]]

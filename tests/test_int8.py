@@ -90,17 +90,18 @@ def test_integer_sums_are_exact():
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 17])
 def test_every_path_matches_the_integer_reference_and_each_other(M, N, Kd):
     """Awkward shapes (K off the group of 32, one row, batches off the pack of 4): every path this CPU
-    runs is within float32 rounding of the integer reference, and all are bitwise the plain loop,
-    decoding and prompts alike."""
+    runs is within float32 rounding of the integer reference, and bitwise the plain loop: the decode
+    kernels `dot_plain`, the prompt GEMM `dot_groups` (two float orders of the same integer sums)."""
     x, w, b = rng.standard_normal((M, Kd)).astype(F32), rng.standard_normal((N, Kd)).astype(F32), rng.standard_normal(N).astype(F32)
     wq, wscale = dtypes.quantize_int8(w)
     xq, xscale = dtypes.quantize_int8(x)
     want = integer_reference(xq, xscale, wq, wscale, b)
-    plain = run_all(x, wq, wscale, b, PATH_PLAIN)[0]
-    np.testing.assert_allclose(plain, want, rtol=1e-5, atol=2e-6 * np.sqrt(Kd))
+    plain = run_all(x, wq, wscale, b, PATH_PLAIN)
+    for got in plain:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.sqrt(Kd))
     for path in PATHS:
-        for got in run_all(x, wq, wscale, b, path):
-            assert np.array_equal(got, plain), NAMES[path]
+        for got, base in zip(run_all(x, wq, wscale, b, path), plain):
+            assert np.array_equal(got, base), NAMES[path]
 
 
 @pytest.mark.parametrize("mode", [K.STORE, K.GELU, K.ADD])
@@ -111,22 +112,26 @@ def test_epilogues_and_the_fused_layer_norm(mode):
     g, beta = rng.standard_normal(Kd).astype(F32), rng.standard_normal(Kd).astype(F32)
     start = rng.standard_normal((M, N)).astype(F32)
     path = PATHS[-1]
-    store = run_all(x, wq, wscale, b, path, K.STORE)[0]
     decode, prompt = start.copy(), start.copy()
     K.linear_i8(x, *(np.zeros_like(a) for a in quantized(x, path)), wq, wscale, b, decode, mode, 2, path)
     K.gemm_i8(M, *quantized(x, path), wq, wscale, b, prompt, mode, 0, N, path)
-    want = {K.STORE: store, K.ADD: start + store, K.GELU: None}[mode]
-    if mode == K.GELU:
-        s = store.astype(np.float64)
-        want = 0.5 * s * (1 + np.tanh(np.sqrt(2 / np.pi) * (s + 0.044715 * s**3)))
-    np.testing.assert_allclose(decode, want, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(decode, prompt)
+    for got, store in zip((decode, prompt), run_all(x, wq, wscale, b, path, K.STORE)):
+        want = {K.STORE: store, K.ADD: start + store, K.GELU: None}[mode]
+        if mode == K.GELU:
+            s = store.astype(np.float64)
+            want = 0.5 * s * (1 + np.tanh(np.sqrt(2 / np.pi) * (s + 0.044715 * s**3)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode, prompt, rtol=1e-5, atol=1e-5)
     h1, h2, fused, alone = np.zeros((M, Kd), F32), np.zeros((M, Kd), F32), np.zeros((M, N), F32), np.zeros((M, N), F32)
     x8, xs = quantized(x, path)
     K.norm_linear_i8(x, g, beta, F32(1e-5), h1, x8, xs, wq, wscale, b, fused, K.STORE, 2, path)
     K.norm_quantize(x, g, beta, F32(1e-5), h2, x8, xs, 0, M, path)
-    K.gemm_i8(M, x8, xs, wq, wscale, b, alone, K.STORE, 0, N, path)
+    K.linear_i8(h2, x8.copy(), xs.copy(), wq, wscale, b, alone, K.STORE, 2, path)
     assert np.array_equal(h1, h2) and np.array_equal(fused, alone)
+    prompt_fused, prompt_alone = np.zeros((M, N), F32), np.zeros((M, N), F32)
+    K.gemm_i8(M, x8, xs, wq, wscale, b, prompt_fused, K.STORE, 0, N, path)
+    K.gemm_i8(M, *quantized(h2, path), wq, wscale, b, prompt_alone, K.STORE, 0, N, path)
+    assert np.array_equal(prompt_fused, prompt_alone)
 
 
 def test_batches_blocks_bands_and_threads_do_not_change_a_bit():
@@ -137,13 +142,14 @@ def test_batches_blocks_bands_and_threads_do_not_change_a_bit():
     wq, wscale = dtypes.quantize_int8(w)
     x, b = rng.standard_normal((9, Kd)).astype(F32), rng.standard_normal(N).astype(F32)
     path = PATHS[-1]
-    want = run_all(x, wq, wscale, b, path)[1]
+    want_decode, want = run_all(x, wq, wscale, b, path)
     for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(threads)
         for bands in (1, 3, 5):
             for m in range(9):
-                assert np.array_equal(run_all(x[m : m + 1], wq, wscale, b, path, bands=bands)[0][0], want[m])
-            assert np.array_equal(run_all(x, wq, wscale, b, path, bands=bands)[0], want)
+                alone = run_all(x[m : m + 1], wq, wscale, b, path, bands=bands)
+                assert np.array_equal(alone[0][0], want_decode[m]) and np.array_equal(alone[1][0], want[m])
+            assert np.array_equal(run_all(x, wq, wscale, b, path, bands=bands)[0], want_decode)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     x8, xs = quantized(x, path)
     blocks = np.zeros((9, N), F32)
@@ -198,6 +204,7 @@ def test_paths_follow_the_cpu_features():
 def test_a_forced_path_the_cpu_lacks_falls_back(model_dir, monkeypatch, capfd):
     """PICOGPT_FAST_INT8_KERNEL names a path; one this CPU cannot run falls back to the best it has,
     with one line, and gives bitwise what that path gives."""
+    monkeypatch.setenv("PICOGPT_FAST_INT8_PROMPT", "gemm")  # prompts in integers on every path (auto: BLAS but with VNNI)
     base = GPT2.from_pretrained(model_dir("odd"), dtype="int8")
     ids = list(range(40, 70))
     want = base.forward(ids)

@@ -142,6 +142,33 @@ def _reduce(builder, acc):
     return builder.extract_element(acc, ir.Constant(_I32, 0))
 
 
+def _accumulate(builder, count, n: int, body, name: str):
+    """for g in range(count): accs = body(g, accs), over n float32 x 8 accumulators that start at zero;
+    returns them after the loop (zeros when count is 0)."""
+    zero = ir.Constant(_FLOATS, [0.0] * 8)
+    before = builder.block
+    loop, after = builder.append_basic_block(name), builder.append_basic_block(name + "_end")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_I64, 0)), loop, after)
+    builder.position_at_end(loop)
+    g = builder.phi(_I64)
+    accs = [builder.phi(_FLOATS) for _ in range(n)]
+    news = body(g, accs)
+    end = builder.block
+    g_next = builder.add(g, ir.Constant(_I64, 1))
+    g.add_incoming(ir.Constant(_I64, 0), before)
+    g.add_incoming(g_next, end)
+    for phi, new in zip(accs, news):
+        phi.add_incoming(zero, before)
+        phi.add_incoming(new, end)
+    builder.cbranch(builder.icmp_signed("<", g_next, count), loop, after)
+    builder.position_at_end(after)
+    finals = [builder.phi(_FLOATS) for _ in news]
+    for phi, new in zip(finals, news):
+        phi.add_incoming(zero, before)
+        phi.add_incoming(new, end)
+    return finals
+
+
 def make_tile(rows: int, cols: int, path: int):
     """An intrinsic tile(x8, xs, m0, w, ws, n0) -> (out[m0][n0], out[m0][n0+1], ..., out[m0+1][n0], ...):
     rows x cols outputs, row-major, each as in the module's docstring. Rows m0..m0+rows-1 lie in one
@@ -193,28 +220,9 @@ def make_tile(rows: int, cols: int, path: int):
                         out.append(builder.call(fma, [lanes, d, accs[i * cols + j]]))
                 return out
 
-            zero = ir.Constant(_FLOATS, [0.0] * 8)
-            before = builder.block
-            loop, after = builder.append_basic_block("int8_groups"), builder.append_basic_block("int8_groups_end")
-            builder.cbranch(builder.icmp_signed(">", full, ir.Constant(_I64, 0)), loop, after)
-            builder.position_at_end(loop)
-            g = builder.phi(_I64)
-            accs = [builder.phi(_FLOATS) for _ in range(rows * cols)]
-            news = step(g, accs, [_load_group(builder, r, g) for r in w_rows])
-            g_next = builder.add(g, ir.Constant(_I64, 1))
-            g.add_incoming(ir.Constant(_I64, 0), before)
-            g.add_incoming(g_next, loop)
-            for phi, new in zip(accs, news):
-                phi.add_incoming(zero, before)
-                phi.add_incoming(new, loop)
-            builder.cbranch(builder.icmp_signed("<", g_next, full), loop, after)
-            builder.position_at_end(after)
-            sums = []
-            for new in news:
-                phi = builder.phi(_FLOATS)
-                phi.add_incoming(zero, before)
-                phi.add_incoming(new, loop)
-                sums.append(phi)
+            sums = _accumulate(
+                builder, full, rows * cols, lambda g, accs: step(g, accs, [_load_group(builder, r, g) for r in w_rows]), "int8_groups"
+            )
 
             cond_block = builder.block
             with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, 0)), likely=False):
@@ -231,3 +239,89 @@ def make_tile(rows: int, cols: int, path: int):
         return signature, codegen
 
     return tile
+
+
+# --------------------------------------------------------------------------- prompts: 8 outputs per lane vector
+CHAINS = 2  # a group's 8 vpdpbusd of one row as this many independent chains: less waiting on each one's latency
+
+
+def make_block_tile(path: int):
+    """An intrinsic block_tile(x8, xs, m0, wp, wps, wc, blk, out): the prompt GEMM's step, PACK input
+    rows (a pack, from m0) against one block of 8 weight rows, into out float32 [PACK, 8].
+
+    Here each int32 lane is one output (a weight row), not a quarter of a group: the weights are
+    repacked (int8.py `repack`) so that wp [blocks, G, 256] holds, per group, 8 slices of 4 inputs,
+    each slice the same 4 inputs of the 8 rows; one `vpdpbusd` of a slice against the row's 4 inputs
+    (broadcast) adds them to all 8 outputs, and 8 of them complete the group's exact integer sums.
+    The float steps then run once per group for 8 outputs, not once per lane of one output:
+
+        acc = fma(float(group sum), xs[m, g] * ws[n, g], acc)      for g = 0, 1, ...
+
+    the order of `dot_groups` (int8.py), which every path matches bitwise. wps [blocks, G, 8] are the
+    block's weight scales; wc [blocks, G, 8] int32 the VNNI compensation, -128 * (the sum of the row's
+    group), since the activations are offset to x + 128 as in `make_tile`."""
+    emit = emitted_path(path)
+
+    @intrinsic
+    def block_tile(typingctx, x8, xs, m0, wp, wps, wc, blk, out):
+        arrays = (x8, xs, wp, wps, wc, out)
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
+            return None
+        if tuple(a.ndim for a in arrays) != (4, 3, 3, 3, 3, 2):
+            return None
+        if tuple(a.dtype for a in arrays) != (types.int8, types.float32, types.int8, types.float32, types.int32, types.float32):
+            return None
+        signature = types.none(x8, xs, m0, wp, wps, wc, blk, out)
+
+        def codegen(context, builder, sig, args):
+            a_x8, a_xs, a_m0, a_wp, a_wps, a_wc, a_blk, a_out = args
+            if emit != PATH_VNNI:  # never called (int8.py takes dot_groups), but must compile anywhere
+                return context.get_dummy_value()
+            t_x8, t_xs, _, t_wp, t_wps, t_wc, _, t_out = sig.args
+            m0_, blk_ = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (a_m0, a_blk))
+            G = builder.extract_value(context.make_array(t_wp)(context, builder, a_wp).shape, 1)
+            xp, x_step = _packed(context, builder, t_x8, a_x8, m0_, 2 * GROUP)
+            sp, s_step = _packed(context, builder, t_xs, a_xs, m0_, 4)
+            wb = _row(context, builder, t_wp, a_wp, blk_, _I8)
+            sb = _row(context, builder, t_wps, a_wps, blk_, _F32)
+            cb = _row(context, builder, t_wc, a_wc, blk_, _I32)
+            ob = _row(context, builder, t_out, a_out, ir.Constant(_I64, 0), _F32)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS] * 3), "llvm.fma.v8f32")
+            eight = ir.Constant(_I64, 8)
+
+            def vector_at(base, g, vtype):
+                return builder.load(builder.bitcast(builder.gep(base, [builder.mul(g, eight)]), vtype.as_pointer()), align=4)
+
+            def step(g, accs):
+                """Every row's accumulator after group g."""
+                slices = [
+                    _load_bytes(builder, wb, builder.add(builder.mul(g, ir.Constant(_I64, 8 * GROUP)), ir.Constant(_I64, 32 * s)))
+                    for s in range(8)
+                ]
+                comp, wscale = vector_at(cb, g, _LANES), vector_at(sb, g, _FLOATS)
+                xg = builder.gep(xp, [builder.mul(g, x_step)])
+                sg = builder.bitcast(builder.gep(sp, [builder.mul(g, s_step)]), _F32.as_pointer())
+                out = []
+                for i in range(PACK):
+                    unsigned = builder.gep(xg, [ir.Constant(_I64, i * 2 * GROUP + GROUP)])
+                    chains = [comp] + [ir.Constant(_LANES, [0] * 8)] * (CHAINS - 1)  # independent sums, added at the end (exact)
+                    for s in range(8):
+                        four = builder.load(builder.bitcast(builder.gep(unsigned, [ir.Constant(_I64, 4 * s)]), _I32.as_pointer()), align=1)
+                        operands = [chains[s % CHAINS], _splat(builder, four, _LANES), builder.bitcast(slices[s], _LANES)]
+                        chains[s % CHAINS] = _call(builder, "llvm.x86.avx512.vpdpbusd.256", _LANES, operands)
+                    lanes = chains[0]
+                    for c in chains[1:]:
+                        lanes = builder.add(lanes, c)
+                    xscale = _splat(builder, builder.load(builder.gep(sg, [ir.Constant(_I64, i)])), _FLOATS)
+                    d = builder.fmul(xscale, wscale, flags=_STRICT)
+                    out.append(builder.call(fma, [builder.sitofp(lanes, _FLOATS), d, accs[i]]))
+                return out
+
+            finals = _accumulate(builder, G, PACK, step, "int8_blocks")
+            for i, acc in enumerate(finals):
+                builder.store(acc, builder.bitcast(builder.gep(ob, [ir.Constant(_I64, 8 * i)]), _FLOATS.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return block_tile
