@@ -12,6 +12,8 @@ Nothing here asserts a wall-clock time: compare runs with --benchmark-compare on
 
 from __future__ import annotations
 
+import os
+
 import numba
 import pytest
 
@@ -23,6 +25,13 @@ from picogpt_fast.weights import random_weights
 def pytest_collection_modifyitems(items):
     for item in items:  # benchmarks run in file order, kernels first
         item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory):
+    """The benchmarks' converted weights go to a cache of the session's own (inherited by the
+    servers and Ray workers they start), never into the user's, where each run would leave GBs."""
+    os.environ["PICOGPT_FAST_CACHE"] = str(tmp_path_factory.mktemp("weights-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -582,11 +582,15 @@ def cache_clear(model, models_dir, revision, dtype):
     from .cache import entries, remove
 
     found = entries()
-    if model is not None:
-        from .hub import resolve_model
+    if model is not None:  # a source as `cache` lists it (its folder may be gone), else a model to resolve
+        listed = [e for e in found if e.source in (model, str(Path(model).expanduser().absolute()))]
+        if listed:
+            found = listed
+        else:
+            from .hub import resolve_model
 
-        folder = str(resolve_model(_model_name(model, models_dir), revision=revision).resolve())
-        found = [e for e in found if e.source == folder]
+            folder = str(resolve_model(_model_name(model, models_dir), revision=revision).resolve())
+            found = [e for e in found if e.source == folder]
     if dtype is not None:
         found = [e for e in found if e.dtype == dtype]
     freed = remove(found)

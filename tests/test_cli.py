@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 
@@ -258,5 +259,11 @@ def test_cache_lists_and_clears_what_is_cached(cli, model_dir, tmp_path, monkeyp
     assert code == 0 and "removed 1 entry" in err
     rows = [json.loads(line) for line in cli("cache", "list", "--json")[1].splitlines()]
     assert sorted((r["source"], r["dtype"]) for r in rows) == sorted([(str(small), "float16"), (str(odd), "int8")])
+    gone = tmp_path / "gone"  # a model folder deleted after its conversion: cleared by the source `cache` lists
+    shutil.copytree(odd, gone)
+    GPT2.from_pretrained(gone, dtype="float16")
+    shutil.rmtree(gone)
+    code, out, err = cli("cache", "clear", str(gone))
+    assert code == 0 and "removed 1 entry" in err
     code, out, err = cli("cache", "clear")
     assert code == 0 and "removed 2 entries" in err and "0 entries" in cli("cache")[1]
