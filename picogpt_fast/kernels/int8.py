@@ -251,18 +251,37 @@ def repack(w, ws, j0, j1, wp, wps, wc):
     (per group, 8 slices: slice s holds inputs 4s..4s+3 of each of the 8 rows), wps [blocks, G, 8]
     the rows' scales, wc [blocks, G, 8] VNNI's compensation, -128 * (the row's group sum). Rows past
     j1 and inputs past K are zeros."""
-    K = w.shape[1]
+    K, G = w.shape[1], ws.shape[1]
     for bi in range((j1 - j0 + 7) // 8):
         for r in range(8):
             j = j0 + bi * 8 + r
-            for g in range(ws.shape[1]):
-                total = 0
+            if j < j1 and K % GROUP == 0:
+                _move_whole_groups(w, j, wp, bi, r)
+                row = w[j]
+                for g in range(G):
+                    total = np.int32(0)
+                    for k in range(GROUP):
+                        total += np.int32(row[g * GROUP + k])
+                    wc[bi, g, r] = np.int32(-128) * total
+                    wps[bi, g, r] = ws[j, g]
+                continue
+            for g in range(G):
+                total = np.int32(0)
                 for k in range(GROUP):
                     v = w[j, g * GROUP + k] if j < j1 and g * GROUP + k < K else np.int8(0)
                     wp[bi, g, (k // 4) * 32 + r * 4 + k % 4] = v
-                    total += v
+                    total += np.int32(v)
+                wc[bi, g, r] = np.int32(-128) * total
                 wps[bi, g, r] = ws[j, g] if j < j1 else F32(0.0)
-                wc[bi, g, r] = -128 * total
+
+
+@helper
+def _move_whole_groups(w, j, wp, bi, r):
+    """repack's copy for K a multiple of the group: row j into slot r of block bi, 4 bytes at a time."""
+    w32, p32 = w.view(np.int32), wp.view(np.int32)
+    for g in range(wp.shape[1]):
+        for s in range(8):
+            p32[bi, g, s * 8 + r] = w32[j, g * 8 + s]
 
 
 @serial_kernel
