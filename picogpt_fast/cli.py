@@ -583,7 +583,7 @@ def cache_clear(model, models_dir, revision, dtype):
 
     found = entries()
     if model is not None:  # a source as `cache` lists it (its folder may be gone), else a model to resolve
-        listed = [e for e in found if e.source in (model, str(Path(model).expanduser().absolute()))]
+        listed = [e for e in found if e.source in (model, str(Path(model).expanduser().resolve()))]
         if listed:
             found = listed
         else:

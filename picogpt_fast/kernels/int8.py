@@ -18,7 +18,7 @@ shape, thread count and batch size gives bitwise the same output.
   of weight rows that fit the L2 cache are repacked so that each int32 lane is one output, and a pack
   of 4 input rows meets 8 outputs at a time; a group's sum is complete in integers before its one
   float step (`dot_groups`, int8_ir.make_block_tile). That is 8 times fewer float steps than the
-  decode order, which made prompts 1.5x faster; the two orders differ in float rounding only.
+  decode order (measured in docs/performance.md); the two orders differ in float rounding only.
 """
 
 from __future__ import annotations
@@ -255,22 +255,19 @@ def repack(w, ws, j0, j1, wp, wps, wc):
     for bi in range((j1 - j0 + 7) // 8):
         for r in range(8):
             j = j0 + bi * 8 + r
-            if j < j1 and K % GROUP == 0:
+            whole = j < j1 and K % GROUP == 0  # the common case: whole groups, copied 4 bytes at a time
+            if whole:
                 _move_whole_groups(w, j, wp, bi, r)
-                row = w[j]
-                for g in range(G):
-                    total = np.int32(0)
-                    for k in range(GROUP):
-                        total += np.int32(row[g * GROUP + k])
-                    wc[bi, g, r] = np.int32(-128) * total
-                    wps[bi, g, r] = ws[j, g]
-                continue
             for g in range(G):
                 total = np.int32(0)
-                for k in range(GROUP):
-                    v = w[j, g * GROUP + k] if j < j1 and g * GROUP + k < K else np.int8(0)
-                    wp[bi, g, (k // 4) * 32 + r * 4 + k % 4] = v
-                    total += np.int32(v)
+                if whole:
+                    for k in range(GROUP):
+                        total += np.int32(w[j, g * GROUP + k])
+                else:
+                    for k in range(GROUP):
+                        v = w[j, g * GROUP + k] if j < j1 and g * GROUP + k < K else np.int8(0)
+                        wp[bi, g, (k // 4) * 32 + r * 4 + k % 4] = v
+                        total += np.int32(v)
                 wc[bi, g, r] = np.int32(-128) * total
                 wps[bi, g, r] = ws[j, g] if j < j1 else F32(0.0)
 
