@@ -126,7 +126,7 @@ def int8_product(x, w, b, out, path, threads):
     if len(x) == 1:
         return lambda: K.linear_i8(x, x8, xs, w.data, w.scale, b, out, K.STORE, threads, path)
     K.quantize(x, x8, xs, 0, len(x), path)
-    return lambda: K.gemm_i8(len(x), x8, xs, w.data, w.scale, b, out, K.STORE, 0, w.data.shape[0], path)
+    return lambda: K.gemm_i8(len(x), x8, xs, w.data, w.scale, b, out, K.STORE, 0, out.shape[1], path)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
@@ -141,6 +141,24 @@ def test_linear_matvec_dtypes(benchmark, record, dtype):
     else:
         benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES[dtype], b, out, K.STORE, numba.get_num_threads())
     throughput(benchmark, (w.data.nbytes + w.scale.nbytes) / 1e9, "GB/s")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+def test_linear_rows(benchmark, record, dtype, rows):
+    """A decode step's 768 -> 3072 product for 1-16 sequences at once, per weight dtype: each weight
+    is read once for all rows (float_ir.py, int8_ir.py), so time grows slower than the rows. GOP/s
+    counts a multiply-add as two."""
+    x, w, b = randn(rows, 768), weights(3072, 768, dtype), readonly(randn(3072))
+    out = np.empty((rows, 3072), F32)
+    threads = numba.get_num_threads()
+    record(f"linear {rows}x768x3072 {dtype}", rows=rows)
+    if dtype == "int8":
+        x8, xs = (np.zeros(shape, dt) for shape, dt in zip(K.packed_shapes(rows, 768), (np.int8, F32)))
+        benchmark(K.linear_i8, x, x8, xs, w.data, w.scale, b, out, K.STORE, threads, cpu.target_paths()[-1])
+    else:
+        benchmark(K.linear, x, w.data, w.scale, dtypes.DTYPES[dtype], b, out, K.STORE, threads)
+    throughput(benchmark, 2 * rows * 768 * 3072 / 1e9, "GOP/s")
 
 
 @pytest.mark.parametrize("path", [name for name, code in PATH_NAMES.items() if code in cpu.target_paths()])

@@ -37,7 +37,8 @@ from .dtypes import EngineWeights
 from .errors import CheckpointError
 
 FORMAT = "picogpt-fast-weights"
-VERSION = "2"  # 2: a checksum of the tensors in the metadata
+VERSION = "3"  # 2: a checksum of the tensors in the metadata; 3: int8 interleaved (dtypes.interleave_int8), tensors 64-byte aligned
+SAME_FLOAT_LAYOUT = ("2",)  # earlier formats whose float32, float16 and bfloat16 tensors read as VERSION's do
 
 
 def cache_dir() -> Path:
@@ -88,9 +89,23 @@ def read(
     entries, meta = tensorfile.read_header(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a picogpt-fast weights file{fix}")
-    if meta.get("version") != VERSION or meta.get("group") != str(dtypes.GROUP):
-        raise CheckpointError(f"{path} was written by another version of picogpt-fast (format {meta.get('version')}){fix}")
-    stored = meta.get("dtype")
+    stored, version = meta.get("dtype"), meta.get("version")
+    if version != VERSION or meta.get("group") != str(dtypes.GROUP):
+        if (
+            identity is None
+            and version in SAME_FLOAT_LAYOUT
+            and stored in dtypes.DTYPES
+            and stored != "int8"
+            and meta.get("group") == str(dtypes.GROUP)
+        ):
+            notice(
+                f"{path.parent} was converted by an earlier picogpt-fast (weights format {version}): it loads as it is, and converting it again makes batches faster"
+            )
+        else:
+            how = (
+                f" (picogpt-fast convert SOURCE --dtype {stored} -o {path.parent})" if identity is None and stored in dtypes.DTYPES else ""
+            )
+            raise CheckpointError(f"{path} holds weights in the layout of another version of picogpt-fast (format {version}){fix}{how}")
     if stored not in dtypes.DTYPES or (dtype is not None and stored != dtype):
         raise CheckpointError(f"{path} holds {stored} weights, not {dtype}{fix}")
     if meta.get("config") != json.dumps(config.to_hf_dict(), sort_keys=True):

@@ -636,12 +636,19 @@ def warmup(threads):
 )
 @click.option("--prompt", "prompt_lengths", default="64,512", show_default=True, help="Prompt lengths to prefill, comma-separated.")
 @click.option("--gen", "gen", type=int, default=128, show_default=True, help="Tokens to decode per run.")
+@click.option(
+    "--batch",
+    "batches",
+    default="8",
+    show_default=True,
+    help="Also decode this many sequences together (comma-separated sizes; 1 for none).",
+)
 @click.option("--reps", type=int, default=3, show_default=True, help="Repetitions (median and spread are reported).")
 @click.option("--reference/--no-reference", default=True, show_default=True, help="Also time picoGPT's NumPy reference.")
 @click.option("--peers", is_flag=True, help="Also time transformers with the same weights (pip install '.[peers]').")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
-def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, peers, as_json, as_csv):
+def bench(model, shape, threads, dtypes, prompt_lengths, gen, batches, reps, reference, peers, as_json, as_csv):
     """Prefill and decode speed, time to first token, memory and bandwidth, like llama-bench."""
     from .benchmark import run_bench
 
@@ -652,6 +659,10 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
         lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
     except ValueError:
         raise InvalidArgumentError(f"--prompt takes comma-separated lengths, e.g. 64,512 (got {prompt_lengths!r})") from None
+    try:
+        sizes = [int(x) for x in batches.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--batch takes comma-separated batch sizes, e.g. 4,8 (got {batches!r})") from None
     kinds = [d.strip() for d in dtypes.split(",") if d.strip()]
     for d in kinds:
         if d not in DTYPES:
@@ -662,6 +673,7 @@ def bench(model, shape, threads, dtypes, prompt_lengths, gen, reps, reference, p
         threads=threads,
         prompt_lengths=lengths,
         gen=gen,
+        batches=sizes,
         reps=reps,
         reference=reference,
         peers=peers,

@@ -8,7 +8,9 @@ dtypes (see kernels/formats.py):
     float16    2 bytes, rounded to nearest even (refused if a weight exceeds float16's range)
     bfloat16   2 bytes, rounded to nearest even
     int8       1 byte + one float32 scale per GROUP consecutive inputs of an output:
-               scale = max|w| / 127 over the group, q = round(w / scale)
+               scale = max|w| / 127 over the group, q = round(w / scale); stored interleaved
+               (`interleave_int8`): blocks of 8 output rows, 4 inputs of each side by side, so
+               that one int32 lane of the CPU's integer dot product accumulates one output
 
 The embedding / output projection is converted too; positions, layer norms and biases stay float32.
 `prepare` converts GPT2Weights (what loaders read) into EngineWeights; `to_reference` goes back to
@@ -26,7 +28,8 @@ import numpy as np
 from . import tensors
 from .config import GPT2Config
 from .errors import CheckpointError
-from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8  # the format codes the kernels dispatch on (no Numba)
+from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8, INTERLEAVE  # the format codes the kernels dispatch on (no Numba)
+from .memory import aligned, zeros
 from .weights import GPT2Weights, LayerWeights
 
 F32 = np.float32
@@ -41,18 +44,28 @@ VECTORS = tuple(t.field for t in tensors.LAYER if "," not in t.shape)
 
 @dataclass
 class Matrix:
-    """A weight matrix (or a stack of them) as rows [..., N, K] in one dtype."""
+    """A weight matrix (or a stack of them) of `shape` [..., N, K] in one dtype: rows [..., N, K] in
+    float32, float16 or bfloat16; int8 interleaved, data [..., ceil(N / 8), G, 256] and scale
+    [..., ceil(N / 8), G, 8] with G = ceil(K / GROUP) (`interleave_int8`)."""
 
     data: np.ndarray  # float32, uint16 (float16 / bfloat16 bits) or int8
-    scale: np.ndarray  # int8: float32 [..., N, ceil(K / GROUP)]; other dtypes: an empty [0, 0] array
+    scale: np.ndarray  # int8: float32 as above; other dtypes: an empty [0, 0] array
+    shape: tuple[int, ...] = ()  # [..., N, K]; data.shape when not given
+
+    def __post_init__(self):
+        self.shape = tuple(self.shape) or self.data.shape
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scale.nbytes
 
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, scales) of layer i of a stack, as the kernels take them."""
+        """(weights, scales) of layer i of a stack, as the kernels take them."""
         return self.data[i], self.scale[i] if self.scale.size else self.scale
+
+    def at(self, i: int) -> Matrix:
+        """Layer i of a stack, as a Matrix."""
+        return Matrix(*self.layer(i), self.shape[1:])
 
 
 @dataclass
@@ -128,10 +141,10 @@ class EngineWeights:
         ]
         if problems:
             raise CheckpointError(f"{source} does not hold {dtype} weights for this config: {', '.join(problems[:4])}")
-        empty = _empty_scale()
+        empty, logical = _empty_scale(), shapes(config, tied="lm_head" not in arrays)
 
         def matrix(name):
-            return Matrix(arrays[name], arrays.get(name + ".scale", empty))
+            return Matrix(arrays[name], arrays.get(name + ".scale", empty), logical[name])
 
         wte = matrix("wte")
         values = {f.name: arrays[f.name] for f in fields(cls) if f.name in arrays and f.name not in ("wte", "lm_head", *MATRICES)}
@@ -151,42 +164,49 @@ def _empty_scale() -> np.ndarray:
     return a
 
 
+def shapes(config: GPT2Config, tied: bool = True) -> dict[str, tuple[int, ...]]:
+    """Matrix name -> its shape as rows [..., N, K] (Matrix.shape), whatever the dtype stores."""
+    dims = {t.field: t.dims(config) for t in (*tensors.GLOBAL, *tensors.LAYER, tensors.LM_HEAD)}
+    out = {name: dims[name] for name in (("wte",) if tied else ("wte", "lm_head"))}  # [V, E]: the output projection's rows
+    out.update({name: (config.n_layer, *reversed(dims[name])) for name in MATRICES})  # [in, out] in the checkpoint
+    return out
+
+
 def expected(config: GPT2Config, dtype: str, tied: bool = True) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) of EngineWeights.tensors() for a config and dtype."""
     store, f32, L = STORAGE[dtype], np.dtype(F32), (config.n_layer,)
     out: dict = {}
-
-    def matrix(name, shape):
-        out[name] = (store, shape)
+    for name, (*lead, N, K) in shapes(config, tied).items():
         if dtype == "int8":
-            out[name + ".scale"] = (f32, (*shape[:-1], -(-shape[-1] // GROUP)))
-
-    shapes = {t.field: t.dims(config) for t in (*tensors.GLOBAL, *tensors.LAYER, tensors.LM_HEAD)}
-    for name in ("wte",) if tied else ("wte", "lm_head"):
-        matrix(name, shapes[name])  # [V, E]: rows of the embedding, as the output projection reads them
-    for name in MATRICES:
-        matrix(name, (*L, *reversed(shapes[name])))  # [in, out] in the checkpoint, rows [out, in] here
-    out.update({name: (f32, (*L, *shapes[name])) for name in VECTORS})
-    out.update({name: (f32, shapes[name]) for name in ("wpe", "ln_f_g", "ln_f_b")})
+            blocks, groups = -(-N // INTERLEAVE), -(-K // GROUP)
+            out[name] = (store, (*lead, blocks, groups, INTERLEAVE * GROUP))
+            out[name + ".scale"] = (f32, (*lead, blocks, groups, INTERLEAVE))
+        else:
+            out[name] = (store, (*lead, N, K))
+    dims = {t.field: t.dims(config) for t in (*tensors.GLOBAL, *tensors.LAYER)}
+    out.update({name: (f32, (*L, *dims[name])) for name in VECTORS})
+    out.update({name: (f32, dims[name]) for name in ("wpe", "ln_f_g", "ln_f_b")})
     return out
 
 
 # --------------------------------------------------------------------------- conversions
 def convert(rows: np.ndarray, dtype: str, name: str) -> Matrix:
-    """float32 rows [..., N, K] -> a Matrix in `dtype` (a new array; refuses values it cannot hold)."""
+    """float32 rows [..., N, K] -> a Matrix in `dtype` (a new array, cache-line aligned: memory.py;
+    refuses values it cannot hold)."""
     rows = np.ascontiguousarray(rows, dtype=F32)
     if dtype != "float32" and not np.isfinite(rows).all():
         raise CheckpointError(f"{name} holds NaN or infinite weights and cannot be converted to {dtype}; the checkpoint is corrupt")
     if dtype == "float32":
-        return Matrix(rows, _empty_scale())
+        return Matrix(aligned(rows), _empty_scale())
     if dtype == "float16":
         peak = float(np.abs(rows).max(initial=0.0))
         if peak > FLOAT16_MAX:
             raise CheckpointError(f"{name} holds weights up to {peak:.3g}, beyond float16's range ({FLOAT16_MAX:g}); use bfloat16 or int8")
-        return Matrix(rows.astype(np.float16).view(np.uint16), _empty_scale())
+        return Matrix(aligned(rows.astype(np.float16).view(np.uint16)), _empty_scale())
     if dtype == "bfloat16":
-        return Matrix(_to_bfloat16_bits(rows), _empty_scale())
-    return Matrix(*quantize_int8(rows))
+        return Matrix(aligned(_to_bfloat16_bits(rows)), _empty_scale())
+    data, scale = interleave_int8(*quantize_int8(rows))
+    return Matrix(aligned(data), aligned(scale), rows.shape)
 
 
 def _to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
@@ -211,6 +231,34 @@ def quantize_int8(rows: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(q), scale
 
 
+def interleave_int8(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows q [..., N, K] and scales [..., N, G] -> the engine's layout: blocks of INTERLEAVE
+    (8) output rows, data [..., B, G, 256] and scales [..., B, G, 8], B = ceil(N / 8). Group g of a
+    block holds 8 slices of 32 bytes, slice s inputs 4s..4s+3 of each of its 8 rows (row r at bytes
+    4r..4r+3), so that an int32 lane of a 256-bit register is one output (kernels/int8_ir.py). Rows
+    past N and inputs past K are zeros."""
+    *lead, N, K = q.shape
+    G = scale.shape[-1]
+    B = -(-N // INTERLEAVE)
+    padded = np.zeros((*lead, B * INTERLEAVE, G * GROUP), np.int8)
+    padded[..., :N, :K] = q
+    parts = padded.reshape(*lead, B, INTERLEAVE, G, GROUP // 4, 4)  # block, row, group, slice, byte
+    data = np.ascontiguousarray(np.moveaxis(parts, -4, -2)).reshape(*lead, B, G, INTERLEAVE * GROUP)
+    scales = np.zeros((*lead, B * INTERLEAVE, G), F32)
+    scales[..., :N, :] = scale
+    return data, np.ascontiguousarray(np.swapaxes(scales.reshape(*lead, B, INTERLEAVE, G), -1, -2))
+
+
+def deinterleave_int8(m: Matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of interleave_int8: (q [..., N, K] int8, scales [..., N, G] float32)."""
+    *lead, N, K = m.shape
+    *_, B, G, _ = m.data.shape
+    parts = m.data.reshape(*lead, B, G, GROUP // 4, INTERLEAVE, 4)  # block, group, slice, row, byte
+    q = np.moveaxis(parts, -2, -4).reshape(*lead, B * INTERLEAVE, G * GROUP)[..., :N, :K]
+    scales = np.swapaxes(m.scale, -1, -2).reshape(*lead, B * INTERLEAVE, G)[..., :N, :]
+    return np.ascontiguousarray(q), np.ascontiguousarray(scales)
+
+
 def dequantize(m: Matrix, dtype: str) -> np.ndarray:
     """The float32 values a Matrix stands for, [..., N, K] (the array itself for float32)."""
     if dtype == "float32":
@@ -219,8 +267,9 @@ def dequantize(m: Matrix, dtype: str) -> np.ndarray:
         return m.data.view(np.float16).astype(F32)
     if dtype == "bfloat16":
         return (m.data.astype(np.uint32) << 16).view(F32)
-    K = m.data.shape[-1]
-    return (m.data.astype(F32).reshape(*m.data.shape[:-1], -1) * np.repeat(m.scale, GROUP, axis=-1)[..., :K]).astype(F32)
+    q, scale = deinterleave_int8(m)
+    K = q.shape[-1]
+    return (q.astype(F32).reshape(*q.shape[:-1], -1) * np.repeat(scale, GROUP, axis=-1)[..., :K]).astype(F32)
 
 
 def prepare(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeights:
@@ -232,7 +281,8 @@ def prepare(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeigh
     def stack(source: str) -> Matrix:  # [L, out, in] from the layers' [in, out]
         K, N = getattr(layers[0], source).shape
         first = convert(getattr(layers[0], source).T, dtype, f"h.0.{source}")
-        out = Matrix(np.empty((L, N, K), first.data.dtype), np.empty((L, *first.scale.shape), F32) if first.scale.size else first.scale)
+        scale = zeros((L, *first.scale.shape), F32) if first.scale.size else first.scale
+        out = Matrix(zeros((L, *first.data.shape), first.data.dtype), scale, (L, N, K))
         for i, lw in enumerate(layers):
             m = first if i == 0 else convert(getattr(lw, source).T, dtype, f"h.{i}.{source}")
             out.data[i] = m.data

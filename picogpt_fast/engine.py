@@ -25,6 +25,7 @@ from . import threads as T
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix
 from .errors import PicoGPTError
+from .memory import zeros
 from .session import Session
 
 F32 = np.float32
@@ -70,15 +71,15 @@ def int8_path(dtype: str) -> int:
 
 
 def int8_prompts(path: int) -> str:
-    """How int8 prompts multiply: "gemm", the integer GEMM (kernels/int8.py), where the CPU has VNNI;
-    else "blas", NumPy's BLAS on the dequantized weights and the same quantized activations, which
-    measured faster than an integer GEMM with AVX2 alone (docs/performance.md).
+    """How int8 prompts multiply: "gemm", the integer kernels (kernels/int8.py) over column blocks,
+    where the CPU has AVX2 or VNNI; else "blas", NumPy's BLAS on the dequantized weights and the same
+    quantized activations, far faster than the plain loop (docs/performance.md).
     PICOGPT_FAST_INT8_PROMPT=gemm|blas chooses."""
     requested = os.environ.get(INT8_PROMPT_ENV) or "auto"
     if requested not in ("auto", "gemm", "blas"):
         raise PicoGPTError(f"{INT8_PROMPT_ENV}={requested!r} is not one of auto, gemm, blas; unset it or choose one")
     if requested == "auto":
-        return "gemm" if path == K.PATH_VNNI else "blas"
+        return "blas" if path == K.PATH_PLAIN else "gemm"
     return requested
 
 
@@ -158,8 +159,8 @@ class KVCache:
     def __init__(self, config: GPT2Config, n_seq: int, capacity: int):
         L, H, D = config.n_layer, config.n_head, config.head_dim
         self.capacity = capacity
-        self.k = np.zeros((L, n_seq, H, capacity, D), F32)
-        self.v = np.zeros((L, n_seq, H, capacity, D), F32)
+        self.k = zeros((L, n_seq, H, capacity, D), F32)
+        self.v = zeros((L, n_seq, H, capacity, D), F32)
 
     def grown(self, config: GPT2Config, capacity: int) -> KVCache:
         """A larger cache holding this one's contents."""
@@ -183,40 +184,45 @@ class RunState:
         c, E, F = self.config, self.config.n_embd, self.config.n_inner
         if rows > self.rows:
             self.rows = rows
-            self.x = np.zeros((rows, E), F32)  # residual stream
-            self.h = np.zeros((rows, E), F32)  # layer-norm output
-            self.qkv = np.zeros((rows, 3 * E), F32)  # q | k | v, heads side by side
-            self.att = np.zeros((rows, E), F32)  # attention output, heads side by side
-            self.ff = np.zeros((rows, F), F32)  # MLP hidden activations
-            self.blas_out = np.zeros(rows * max(F, 3 * E), F32)  # BLAS products before their epilogue
+            self.x = zeros((rows, E), F32)  # residual stream
+            self.h = zeros((rows, E), F32)  # layer-norm output
+            self.qkv = zeros((rows, 3 * E), F32)  # q | k | v, heads side by side
+            self.att = zeros((rows, E), F32)  # attention output, heads side by side
+            self.ff = zeros((rows, F), F32)  # MLP hidden activations
+            self.blas_out = zeros(rows * max(F, 3 * E), F32)  # BLAS products before their epilogue
             x8, xs = K.packed_shapes(rows, max(E, F))  # int8: the quantized activations (kernels/int8.py)
-            self.x8, self.xs = np.zeros(int(np.prod(x8)), np.int8), np.zeros(int(np.prod(xs)), F32)
-            self.requant = np.zeros(rows * max(E, F), F32)
+            self.x8, self.xs = zeros(int(np.prod(x8)), np.int8), zeros(int(np.prod(xs)), F32)
+            self._quantized: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # views of x8, xs by shape
+            self.requant = zeros(rows * max(E, F), F32)
             self.prompt_scores = np.zeros(0, F32)  # per head: [block rows, keys] of _attention_blas
         if logit_rows > self.logit_rows:
             self.logit_rows = logit_rows
-            self.logits = np.zeros((logit_rows, c.n_vocab), F32)
+            self.logits = zeros((logit_rows, c.n_vocab), F32)
         if keys > self.keys:
             self.keys = keys
             self.scores = np.zeros((T.max_threads(), keys), F32)  # attention(): one row per worker thread
 
         if logit_rows > 1 and self.blas_out.size < logit_rows * c.n_vocab:  # all logits of a prompt (scoring)
-            self.blas_out = np.zeros(logit_rows * c.n_vocab, F32)
+            self.blas_out = zeros(logit_rows * c.n_vocab, F32)
 
     def requantized(self, rows: int, inputs: int) -> np.ndarray:
         """A float32 buffer [rows, inputs] for quantized activations as values (int8 prompts on BLAS)."""
         return self.requant[: rows * inputs].reshape(rows, inputs)
 
     def quantized(self, rows: int, inputs: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the int8 activation buffers for `rows` rows of `inputs` values (K.packed_shapes)."""
-        x8, xs = K.packed_shapes(rows, inputs)
-        return self.x8[: int(np.prod(x8))].reshape(x8), self.xs[: int(np.prod(xs))].reshape(xs)
+        """Views of the int8 activation buffers for `rows` rows of `inputs` values (K.packed_shapes),
+        made once per shape (a decode step asks ~50 times)."""
+        views = self._quantized.get((rows, inputs))
+        if views is None:
+            x8, xs = K.packed_shapes(rows, inputs)
+            views = self._quantized[rows, inputs] = self.x8[: int(np.prod(x8))].reshape(x8), self.xs[: int(np.prod(xs))].reshape(xs)
+        return views
 
     def scratch(self, n: int) -> np.ndarray:
         """n float32 of this thread's own scratch (low-precision weights converted for BLAS)."""
         buffers = self.__dict__.setdefault("_scratch", threading.local())
         if getattr(buffers, "a", None) is None or buffers.a.size < n:
-            buffers.a = np.zeros(n, F32)
+            buffers.a = zeros(n, F32)
         return buffers.a[:n]
 
 
@@ -308,7 +314,8 @@ class NumbaSession(Session):
         if b.fmt == K.I8:  # int8 on BLAS: the activations the integer kernels would quantize, as float32
             x, source = self.state.requantized(rows, Kd), x
             self._row_blocks(rows, lambda r0, r1: K.requantize(source, x, r0, r1))
-        y_all = self.state.blas_out[: rows * lin.w.shape[0]]
+        N = out.shape[1]
+        y_all = self.state.blas_out[: rows * N]
 
         def block(j0: int, j1: int):
             def run():
@@ -323,7 +330,7 @@ class NumbaSession(Session):
 
             return run
 
-        self._column_blocks(lin.w.shape[0], block)
+        self._column_blocks(out.shape[1], block)
 
     def _linear_int8(self, x, lin: Linear, out, mode, many: bool, norm, h) -> None:
         """_linear for int8 weights: the activations are quantized (kernels/int8.py), then multiplied
@@ -344,7 +351,7 @@ class NumbaSession(Session):
         def block(j0: int, j1: int):
             return lambda: K.gemm_i8(x.shape[0], x8, xs, lin.w, lin.scale, lin.bias, out, mode, j0, j1, b.int8_path)
 
-        self._column_blocks(lin.w.shape[0], block)
+        self._column_blocks(out.shape[1], block)
 
     def _row_blocks(self, rows: int, work) -> None:
         """work(r0, r1) for blocks of a prompt's rows (multiples of the int8 pack) on the team's

@@ -105,9 +105,9 @@ class Int8Embedding:
     """The int8 token embedding in picoGPT's place: `wte[ids]` looks up dequantized rows (what the
     engine's embedding reads), and `wte.T`, the output projection, is an Int8Linear."""
 
-    def __init__(self, q, scale):
-        self.rows = dtypes.dequantize(dtypes.Matrix(q, scale), "int8")
-        self.T = Int8Linear(q, scale)
+    def __init__(self, m: dtypes.Matrix):
+        self.rows = dtypes.dequantize(m, "int8")
+        self.T = Int8Linear(*dtypes.deinterleave_int8(m))
 
     def __getitem__(self, ids):
         return self.rows[ids]
@@ -119,10 +119,10 @@ def int8_params(params: dict, ew) -> dict:
     for i, block in enumerate(params["blocks"]):
         block = {**block, "attn": {**block["attn"]}, "mlp": {**block["mlp"]}}
         for (part, name), field in MATRICES.items():
-            data, scale = getattr(ew, field).layer(i)
-            block[part] = {**block[part], name: {**block[part][name], "w": Int8Linear(data, scale)}}
+            w = Int8Linear(*dtypes.deinterleave_int8(getattr(ew, field).at(i)))
+            block[part] = {**block[part], name: {**block[part][name], "w": w}}
         out["blocks"].append(block)
-    out["wte"] = Int8Embedding(ew.wte.data, ew.wte.scale)
+    out["wte"] = Int8Embedding(ew.wte)
     return out
 
 
@@ -143,7 +143,7 @@ class ReferenceBackend:
         self.lm_head = None if weights.tied else weights.lm_head
         if int8 is not None:
             self.params = int8_params(self.params, int8)
-            self.lm_head = None if int8.tied else Int8Embedding(int8.lm_head.data, int8.lm_head.scale)
+            self.lm_head = None if int8.tied else Int8Embedding(int8.lm_head)
         self.threads = threads
 
     def forward(self, ids: np.ndarray) -> np.ndarray:  # [n] -> [n, n_vocab]

@@ -160,21 +160,36 @@ def checksum(tensors: dict[str, np.ndarray]) -> str:
     return f"adler32:{value:08x}"
 
 
+ALIGN = 64  # where write() starts each tensor's data: a cache line, so that kernels' vector loads never split one
+_NAMES = {np.dtype(d): name for name, d in reversed(DTYPES.items())}  # NumPy dtype -> safetensors name (uint16 as U16)
+
+
 def write(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (a temporary file renamed into place), so a reader never
-    sees a half-written file. Any failure (a full disk: safetensors raises its own error) is an
-    OSError, and leaves no file behind."""
-    from safetensors.numpy import save_file
-
+    sees a half-written file. The data starts at a multiple of ALIGN bytes in the file, and so does
+    every tensor whose predecessors' sizes allow (tensors sized in multiples of ALIGN come first), so
+    that a memory-mapped matrix is cache-line aligned. Any failure (a full disk) is an OSError, and
+    leaves no file behind."""
     path = Path(path)
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    header: dict = {}
+    offset = 0
+    for name in sorted(arrays, key=lambda n: (arrays[n].nbytes % ALIGN != 0, n)):
+        a = arrays[name]
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # the header may end in spaces (the format's own padding)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name in header:
+                if name != "__metadata__":
+                    f.write(memoryview(arrays[name]).cast("B"))
         os.replace(tmp, path)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors' SafetensorError wraps the I/O error
-        raise OSError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from picogpt_fast import GPT2, dtypes
+from picogpt_fast import GPT2, GPT2Config, cache, dtypes, tensorfile
 from picogpt_fast.errors import CheckpointError, InvalidArgumentError
 
 from .test_engine import LOGIT_TOL, TIE_GAP, decode_logits, prompts
@@ -35,14 +35,33 @@ def test_int8_groups_are_symmetric_with_one_scale_per_32_inputs():
     w = rng.standard_normal((5, 70)).astype(np.float32)  # 70 = 2 full groups and a partial one
     w[1, 32:64] = 0  # an all-zero group
     m = dtypes.convert(w, "int8", "w")
-    assert m.data.dtype == np.int8 and m.data.shape == (5, 70) and m.scale.shape == (5, 3)
+    assert m.shape == (5, 70) and m.data.dtype == np.int8 and m.data.shape == (1, 3, 256) and m.scale.shape == (1, 3, 8)
+    q, scale = dtypes.deinterleave_int8(m)
+    assert q.shape == (5, 70) and scale.shape == (5, 3)
     groups = [slice(0, 32), slice(32, 64), slice(64, 70)]
     for g, cols in enumerate(groups):
-        np.testing.assert_allclose(m.scale[:, g], np.abs(w[:, cols]).max(axis=1) / 127, rtol=1e-6)
-        assert np.abs(m.data[:, cols]).max() == 127 or not w[:, cols].any()
-    assert m.scale[1, 1] == 0 and not m.data[1, 32:64].any()
+        np.testing.assert_allclose(scale[:, g], np.abs(w[:, cols]).max(axis=1) / 127, rtol=1e-6)
+        assert np.abs(q[:, cols]).max() == 127 or not w[:, cols].any()
+    assert scale[1, 1] == 0 and not q[1, 32:64].any()
     err = np.abs(dtypes.dequantize(m, "int8") - w)
-    assert np.all(err <= np.repeat(m.scale, 32, axis=1)[:, :70] / 2 * (1 + 1e-6))  # round to nearest
+    assert np.all(err <= np.repeat(scale, 32, axis=1)[:, :70] / 2 * (1 + 1e-6))  # round to nearest
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 70), (8, 32), (9, 33), (17, 100), (2, 3, 96)])
+def test_int8_interleaving_is_a_lossless_reordering(shape):
+    """Blocks of 8 rows, each group's inputs 4 at a time side by side: element [n, k] sits at block
+    n // 8, group k // 32, byte 32 * (k % 32 // 4) + 4 * (n % 8) + k % 4; padding is zeros."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    q, scale = dtypes.quantize_int8(w)
+    data, scales = dtypes.interleave_int8(q, scale)
+    *lead, N, K = shape
+    n, k = np.meshgrid(np.arange(N), np.arange(K), indexing="ij")
+    at = data[..., n // 8, k // 32, 32 * (k % 32 // 4) + 4 * (n % 8) + k % 4]
+    assert np.array_equal(at, q)
+    assert np.array_equal(scales[..., n[:, :1] // 8, np.arange(scale.shape[-1]), n[:, :1] % 8], scale)
+    assert np.count_nonzero(data) == np.count_nonzero(q) and np.count_nonzero(scales) == np.count_nonzero(scale)
+    back_q, back_scale = dtypes.deinterleave_int8(dtypes.Matrix(data, scales, shape))
+    assert np.array_equal(back_q, q) and np.array_equal(back_scale, scale)
 
 
 def test_half_conversions_round_to_nearest():
@@ -174,6 +193,52 @@ def test_unwritable_cache_path_falls_back_to_memory(model_dir, tmp_path, monkeyp
     err = capfd.readouterr().err
     assert "converted weights stay in memory" in err and len(err.strip().splitlines()) == 1
     assert len(m.generate([1, 2], 3, stop_at_eos=False)) == 3
+
+
+def as_format_2(path):
+    """Rewrite a weights file (a cache entry or a converted folder's) as the previous release wrote
+    it: format 2, int8 matrices as plain rows [..., N, K] with scales [..., N, G]."""
+    entries, meta = tensorfile.read_header(path)
+    buf = tensorfile.map_file(path)
+    arrays = {name: np.array(tensorfile.view(e, buf)) for name, e in entries.items()}
+    del buf
+    if meta["dtype"] == "int8":
+        config = GPT2Config.from_hf_dict(json.loads(meta["config"]))
+        for name, shape in dtypes.shapes(config, tied="lm_head" not in arrays).items():
+            arrays[name], arrays[name + ".scale"] = dtypes.deinterleave_int8(dtypes.Matrix(arrays[name], arrays[name + ".scale"], shape))
+    meta.update(version="2", checksum=tensorfile.checksum(arrays))
+    tensorfile.write(path, arrays, meta)
+
+
+def test_a_cache_entry_in_the_previous_layout_is_rebuilt_with_one_line(model_dir, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path))
+    want = GPT2.from_pretrained(model_dir("small"), dtype="int8").forward([4, 5, 6])
+    entry = tmp_path / entries(tmp_path)[0]
+    as_format_2(entry)
+    capfd.readouterr()
+    again = GPT2.from_pretrained(model_dir("small"), dtype="int8")
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rebuilding the cached int8 weights" in err[0] and "(format 2)" in err[0]
+    assert np.array_equal(again.forward([4, 5, 6]), want)
+    assert tensorfile.read_header(entry)[1]["version"] == cache.VERSION  # rebuilt in place
+
+
+def test_a_converted_folder_in_the_previous_layout_loads_or_names_the_fix(cli, model_dir, tmp_path, capfd):
+    """float formats kept their layout: such a folder loads as it is, with a line saying that
+    converting it again makes it faster (its tensors are not cache-line aligned); int8 changed, and
+    its folder is refused in one line naming the command that converts it again."""
+    for dtype in ("float16", "int8"):
+        assert cli("convert", model_dir("small"), "--dtype", dtype, "-o", tmp_path / dtype)[0] == 0
+    want = GPT2.from_pretrained(tmp_path / "float16").forward([7, 8])
+    for dtype in ("float16", "int8"):
+        as_format_2(tmp_path / dtype / "model.safetensors")
+    capfd.readouterr()
+    assert np.array_equal(GPT2.from_pretrained(tmp_path / "float16").forward([7, 8]), want)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights format 2" in err[0] and "converting it again" in err[0]
+    code, _, err = cli("run", "Hello", "--model", tmp_path / "int8", "-n", 2)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "(format 2)" in err and f"picogpt-fast convert SOURCE --dtype int8 -o {tmp_path / 'int8'}" in err
 
 
 # --------------------------------------------------------------------------- convert

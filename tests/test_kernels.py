@@ -140,25 +140,24 @@ def test_bias_epilogue(mode, threads):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("N,Kd", [(131, 99), (1000, 99), (2304, 64), (7, 96)])
+@pytest.mark.parametrize("N,Kd", [(131, 99), (1000, 99), (2304, 64), (7, 96), (33, 31)])
 def test_linear_is_batch_and_thread_invariant(dtype, N, Kd):
-    """Each output sums in the same order whatever the batch, thread count and number of bands
-    (bands of 1-5 threads start at different rows): bitwise equal."""
-    (w, _), x, b = matrix(N, Kd, dtype), randn(9, Kd), randn(N)
+    """Each output sums in the same order whatever the number of rows beside it (1-16, at any place
+    in the batch), the thread count and the number of bands (bands of 1-5 threads start at
+    different rows): bitwise equal."""
+    (w, _), x, b = matrix(N, Kd, dtype), randn(16, Kd), randn(N)
     fmt = dtypes.DTYPES[dtype]
-    results = []
+    want = np.empty((16, N), F32)
+    K.linear(x, w.data, w.scale, fmt, b, want, K.GELU, 1)
     for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(n_threads)
         for bands in range(1, 6):
-            batch = np.empty((9, N), F32)
-            K.linear(x, w.data, w.scale, fmt, b, batch, K.GELU, bands)
-            for m in range(9):
-                row = np.empty((1, N), F32)
-                K.linear(x[m : m + 1], w.data, w.scale, fmt, b, row, K.GELU, bands)
-                assert np.array_equal(row[0], batch[m])
-            results.append(batch)
+            for rows in (1, 2, 3, 7, 8, 9, 16):
+                start = (rows * 5) % (17 - rows)
+                got = np.empty((rows, N), F32)
+                K.linear(x[start : start + rows], w.data, w.scale, fmt, b, got, K.GELU, bands)
+                assert np.array_equal(got, want[start : start + rows]), (rows, bands)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert all(np.array_equal(results[0], r) for r in results)
 
 
 def attention_numpy(qkv, seq, pos, keys, values, H, D):

@@ -7,7 +7,7 @@ Importing this package imports no Numba: the kernels load when the first is aske
 
 import importlib
 
-from .codes import BF16, F16, F32_FORMAT, GROUP, I8, PACK, PATH_AVX2, PATH_PLAIN, PATH_VNNI
+from .codes import BF16, F16, F32_FORMAT, GROUP, I8, INTERLEAVE, PACK, PATH_AVX2, PATH_PLAIN, PATH_VNNI
 
 _WHERE = {
     "activations": ("ADD", "GELU", "STORE", "bias_epilogue", "gelu"),
@@ -20,7 +20,7 @@ _WHERE = {
 }
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 
-__all__ = ["BF16", "F16", "F32_FORMAT", "GROUP", "I8", "PACK", "PATH_AVX2", "PATH_PLAIN", "PATH_VNNI", *sorted(_MODULE)]
+__all__ = ["BF16", "F16", "F32_FORMAT", "GROUP", "I8", "INTERLEAVE", "PACK", "PATH_AVX2", "PATH_PLAIN", "PATH_VNNI", *sorted(_MODULE)]
 
 
 def __getattr__(name: str):

@@ -5,6 +5,9 @@ module imports nothing, so any module may read it without importing Numba."""
 F32_FORMAT, F16, BF16, I8 = 0, 1, 2, 3
 # int8: one float32 scale per GROUP consecutive inputs of an output (measured: README, "Weight dtypes").
 GROUP = 32
+# int8 weights are stored in blocks of INTERLEAVE output rows, 4 inputs of each row side by side
+# (dtypes.interleave_int8), so that one int32 lane of a 256-bit register accumulates one output.
+INTERLEAVE = 8
 
 # How int8 x int8 group sums are formed (int8.py, int8_ir.py): the higher, the faster where the CPU has it.
 PATH_PLAIN, PATH_AVX2, PATH_VNNI = 0, 1, 2

@@ -1,4 +1,9 @@
-"""The memory bandwidth probe of `picogpt-fast bench` and bench/: a streaming read of a large array."""
+"""The memory bandwidth probe of `picogpt-fast bench` and bench/: a plain streaming read.
+
+Each thread sums one long contiguous range of a large array, front to back: the access pattern a
+memory system serves best, and not the shape of any of the engine's kernels, so that a decode's
+GB/s set against it says how close the kernels come to the memory's own speed.
+"""
 
 import numpy as np
 from numba import prange
@@ -10,14 +15,12 @@ F32 = np.float32
 
 @kernel
 def stream_read(a, out):
-    """Read every element of a [R, C] array (four rows per work item, as the linear kernel does).
-    out [R // 4] receives the row sums, so that the reads cannot be optimised away."""
-    for b in prange(a.shape[0] // 4):
-        r0, r1, r2, r3 = a[4 * b], a[4 * b + 1], a[4 * b + 2], a[4 * b + 3]
-        s0 = s1 = s2 = s3 = F32(0.0)
-        for i in range(r0.shape[0]):
-            s0 += r0[i]
-            s1 += r1[i]
-            s2 += r2[i]
-            s3 += r3[i]
-        out[b] = s0 + s1 + s2 + s3
+    """out[t] = the sum of range t of the 1-D array a, split into len(out) contiguous ranges (one
+    per thread), so that the reads cannot be optimised away."""
+    ranges = out.shape[0]
+    per = a.shape[0] // ranges
+    for t in prange(ranges):
+        s = F32(0.0)
+        for i in range(t * per, (t + 1) * per):
+            s += a[i]
+        out[t] = s
