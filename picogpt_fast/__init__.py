@@ -2,9 +2,6 @@
 
 __version__ = "0.1.0"
 
-# Before any module of the package imports Numba: its environment variables checked, bad values one clear error.
-from . import numba_env  # noqa: F401, I001
-
 from .config import GPT2Config
 from .errors import PicoGPTError
 from .model import GPT2

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -112,7 +112,11 @@ def read(
         raise CheckpointError(f"{path} was converted from a model with another config{fix}")
     if identity is not None and meta.get("source") != json.dumps(identity):
         raise CheckpointError(f"{path} was converted from another version of the checkpoint")
-    buf = tensorfile.map_file(path)
+    # A cache entry is mapped: it starts in milliseconds, processes share its pages, and only
+    # picogpt-fast writes it (atomically, by renaming a new file into place: a mapping keeps the old
+    # one). A converted folder is the user's, who may overwrite its file in place: it is read into
+    # this process's memory, so that no later write can change the weights or end the process.
+    buf = tensorfile.map_file(path) if identity is not None else tensorfile.read_file(path)
     if identity is not None:
         _used(path)
     arrays = {name: tensorfile.view(e, buf) for name, e in entries.items()}
@@ -218,14 +222,17 @@ def entries() -> list[Entry]:
     """Every entry of the weights cache (and leftovers of interrupted writes), newest use first."""
     folder = cache_dir()
     out = []
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+    leftovers = (
+        {*folder.glob(".*.tmp"), *folder.glob(".tmp*")} if folder.is_dir() else set()
+    )  # ours, and earlier releases' (safetensors' own)
+    for path in sorted(folder.glob("*.safetensors")) + sorted(leftovers) if folder.is_dir() else []:
         source, dtype = "?", "?"
         try:
             _, meta = tensorfile.read_header(path)
             dtype = meta.get("dtype", "?")
             source = str(Path(json.loads(meta["source"])[0][0]).parent)
         except (CheckpointError, KeyError, IndexError, TypeError, ValueError):
-            source = "(an interrupted write)" if path.name.endswith(".tmp") else "(unreadable: another version, or damaged)"
+            source = "(an interrupted write)" if path in leftovers else "(unreadable: another version, or damaged)"
         try:
             st = path.stat()
         except OSError:
@@ -249,5 +256,5 @@ def remove(chosen: list[Entry]) -> int:
 
 
 def notice(message: str) -> None:
-    """One line on stderr (never on stdout, which carries results)."""
-    print(f"picogpt-fast: {message}", file=sys.stderr, flush=True)
+    """A notice through the package's logger ("picogpt_fast"): the command line shows it on stderr."""
+    logging.getLogger("picogpt_fast").warning(message)

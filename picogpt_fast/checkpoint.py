@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from . import tensors
 from .config import GPT2Config
+from .files import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 from .weights import GPT2Weights
 
 
@@ -41,9 +42,9 @@ def save_pretrained(
     """Write config.json and model.safetensors (float32 or float16), and copy vocab.json + merges.txt."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
-    save_file(hf_state_dict(weights, config, prefix, dtype), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+    save_file(hf_state_dict(weights, config, prefix, dtype), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_dir is not None:
-        for name in ("vocab.json", "merges.txt"):
+        for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / name, folder / name)
     return folder

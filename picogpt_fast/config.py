@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, read_json
+from .files import CONFIG_FILE
 
 # transformers.GPT2Config defaults for the keys we read.
 HF_DEFAULTS = {
@@ -84,7 +85,7 @@ class GPT2Config:
         return self.n_vocab * e + self.n_ctx * e + self.n_layer * per_layer + 2 * e
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> GPT2Config:
+    def from_hf_dict(cls, d: dict, source: str = CONFIG_FILE) -> GPT2Config:
         """Build from a Hugging Face GPT-2 config.json dictionary."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} is not a JSON object")

@@ -12,9 +12,10 @@ prompt is many rows of one sequence (prefill); a decode step is one row per acti
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import sys
-import threading
+import queue
 import time
 from typing import NamedTuple
 
@@ -22,13 +23,15 @@ import numpy as np
 
 from . import kernels as K
 from . import threads as T
+from . import validate
 from .config import GPT2Config
 from .dtypes import EngineWeights, Matrix
-from .errors import PicoGPTError
+from .errors import ConcurrencyError, PicoGPTError
 from .memory import zeros
 from .session import Session
 
 F32 = np.float32
+log = logging.getLogger("picogpt_fast")
 
 # Linear layers with at least this many rows use NumPy's BLAS (matrix-matrix product, reads each
 # weight once for many rows); fewer rows use the Numba kernel, which is bandwidth-bound and
@@ -48,36 +51,27 @@ PREFILL_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- int8 kernel path
-INT8_KERNEL_ENV = "PICOGPT_FAST_INT8_KERNEL"
+INT8_KERNELS = ("auto", "plain", "avx2", "vnni")
+INT8_PROMPTS = ("auto", "gemm", "blas")
 
 
-INT8_PROMPT_ENV = "PICOGPT_FAST_INT8_PROMPT"
-
-
-def int8_path(dtype: str) -> int:
-    """The int8 kernels' path (kernels/int8.py): the fastest this CPU runs, unless
-    PICOGPT_FAST_INT8_KERNEL names one (plain, avx2, vnni); a path the CPU lacks falls back to the
-    best one below it, with a line on stderr. Chosen once per model."""
+def int8_path(requested: str = "auto", dtype: str = "int8") -> int:
+    """The int8 dot products' path (kernels/int8.py): the fastest this CPU runs ("auto"), or the one
+    named (plain, avx2, vnni); a path the CPU lacks falls back to the best one below it, with a
+    notice (for an int8 model)."""
     from .kernels.cpu import choose_path
 
-    requested = os.environ.get(INT8_KERNEL_ENV)
-    try:
-        path, note = choose_path(requested)
-    except ValueError as e:
-        raise PicoGPTError(f"{INT8_KERNEL_ENV}={requested!r}: {e}") from None
+    path, note = choose_path(validate.choice("int8_kernel", requested, INT8_KERNELS))
     if note and dtype == "int8":
-        print(f"picogpt-fast: {note}", file=sys.stderr, flush=True)
+        log.warning(note)
     return path
 
 
-def int8_prompts(path: int) -> str:
+def int8_prompts(path: int, requested: str = "auto") -> str:
     """How int8 prompts multiply: "gemm", the integer kernels (kernels/int8.py) over column blocks,
     where the CPU has AVX2 or VNNI; else "blas", NumPy's BLAS on the dequantized weights and the same
-    quantized activations, far faster than the plain loop (docs/performance.md).
-    PICOGPT_FAST_INT8_PROMPT=gemm|blas chooses."""
-    requested = os.environ.get(INT8_PROMPT_ENV) or "auto"
-    if requested not in ("auto", "gemm", "blas"):
-        raise PicoGPTError(f"{INT8_PROMPT_ENV}={requested!r} is not one of auto, gemm, blas; unset it or choose one")
+    quantized activations, far faster than the plain loop (docs/performance.md); or as requested."""
+    requested = validate.choice("int8_prompt", requested, INT8_PROMPTS)
     if requested == "auto":
         return "blas" if path == K.PATH_PLAIN else "gemm"
     return requested
@@ -109,7 +103,9 @@ class NumbaBackend:
 
     name = "numba"
 
-    def __init__(self, config: GPT2Config, weights: EngineWeights, threads: int | None = None):
+    def __init__(
+        self, config: GPT2Config, weights: EngineWeights, threads: int | None = None, int8_kernel: str = "auto", int8_prompt: str = "auto"
+    ):
         self.config = config
         self.weights = weights
         self.threads = T.check(threads)
@@ -123,8 +119,8 @@ class NumbaBackend:
             ) from None
         # workqueue cannot take kernels from two threads at once: prompts' blocks then run on one
         self.block_threads = 1 if layer == "workqueue" else None
-        self.int8_path = int8_path(weights.dtype)
-        self.int8_prompts = int8_prompts(self.int8_path)
+        self.int8_path = int8_path(int8_kernel, weights.dtype)
+        self.int8_prompts = int8_prompts(self.int8_path, int8_prompt)
         self.eps = F32(config.layer_norm_epsilon)
         self.scale = F32(1.0) / np.sqrt(F32(config.head_dim))
         self.fmt = weights.fmt
@@ -152,6 +148,30 @@ class NumbaBackend:
         return NumbaSession(self, n_seq, capacity)
 
 
+# Set in a child forked from a process that had run the engine: OpenMP (Numba's 'omp' layer) cannot
+# start its threads there and aborts the child, so the engine refuses with one line instead.
+_ran = False
+_forked_after_running = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_running
+    _forked_after_running = _forked_after_running or _ran
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_process() -> None:
+    global _ran
+    if _forked_after_running:
+        raise ConcurrencyError(
+            "this process was forked from one that had run the engine, and OpenMP cannot run in a forked child; "
+            "use multiprocessing's 'spawn' start method (multiprocessing.get_context('spawn')) and load the model in each process"
+        )
+    _ran = True
+
+
 class KVCache:
     """Keys and values, each [n_layer, n_seq, n_head, capacity, head_dim]: a position's key (value)
     of one head is a contiguous row, written once and read in order by attention."""
@@ -176,7 +196,8 @@ class RunState:
 
     def __init__(self, config: GPT2Config):
         self.config = config
-        self.rows = self.logit_rows = self.keys = 0
+        self.rows = self.logit_rows = self.keys = self.scratch_size = 0
+        self.prompt_scores = np.zeros(0, F32)
         self.fit(1, 1, 1)
 
     def fit(self, rows: int, logit_rows: int, keys: int) -> None:
@@ -194,7 +215,6 @@ class RunState:
             self.x8, self.xs = zeros(int(np.prod(x8)), np.int8), zeros(int(np.prod(xs)), F32)
             self._quantized: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # views of x8, xs by shape
             self.requant = zeros(rows * max(E, F), F32)
-            self.prompt_scores = np.zeros(0, F32)  # per head: [block rows, keys] of _attention_blas
         if logit_rows > self.logit_rows:
             self.logit_rows = logit_rows
             self.logits = zeros((logit_rows, c.n_vocab), F32)
@@ -204,6 +224,17 @@ class RunState:
 
         if logit_rows > 1 and self.blas_out.size < logit_rows * c.n_vocab:  # all logits of a prompt (scoring)
             self.blas_out = zeros(logit_rows * c.n_vocab, F32)
+        if self.rows >= BLAS_MIN_ROWS:  # what a prompt on BLAS needs (np.zeros maps its pages on first use)
+            scores = c.n_head * min(self.rows, PROMPT_BLOCK) * self.keys
+            if self.prompt_scores.size < scores:
+                self.prompt_scores = np.zeros(scores, F32)  # per head: [block rows, keys] of _attention_blas
+            scratch = _scratch_size(c, self.logit_rows > 1)
+            if scratch > self.scratch_size:
+                self.scratch_size, slots = scratch, T.max_threads()
+                self._scratch = zeros((slots, scratch), F32)
+                self._free_slots = queue.SimpleQueue()
+                for slot in range(slots):
+                    self._free_slots.put(slot)
 
     def requantized(self, rows: int, inputs: int) -> np.ndarray:
         """A float32 buffer [rows, inputs] for quantized activations as values (int8 prompts on BLAS)."""
@@ -218,12 +249,28 @@ class RunState:
             views = self._quantized[rows, inputs] = self.x8[: int(np.prod(x8))].reshape(x8), self.xs[: int(np.prod(xs))].reshape(xs)
         return views
 
-    def scratch(self, n: int) -> np.ndarray:
-        """n float32 of this thread's own scratch (low-precision weights converted for BLAS)."""
-        buffers = self.__dict__.setdefault("_scratch", threading.local())
-        if getattr(buffers, "a", None) is None or buffers.a.size < n:
-            buffers.a = zeros(n, F32)
-        return buffers.a[:n]
+    @contextlib.contextmanager
+    def scratch(self, n: int):
+        """n float32 of scratch for one BLAS block (low-precision weights converted to float32): one
+        slot of fit()'s per thread that can run a block at once, taken for the block's length."""
+        slot = self._free_slots.get_nowait()  # run_blocks never runs more blocks than threads
+        try:
+            yield self._scratch[slot, :n]
+        finally:
+            self._free_slots.put(slot)
+
+
+def _scratch_size(c: GPT2Config, logits: bool) -> int:
+    """The largest column block of a weight matrix (PROMPT_COLUMN_BLOCKS blocks, _column_blocks' edges)."""
+    E, F = c.n_embd, c.n_inner
+    shapes = [(3 * E, E), (E, E), (F, E), (E, F)] + ([(c.n_vocab, E)] if logits else [])
+    return max(_block_width(N) * K_ for N, K_ in shapes)
+
+
+def _block_width(N: int) -> int:
+    """The width of _column_blocks' blocks for N outputs: N / PROMPT_COLUMN_BLOCKS up to 64 columns."""
+    width = -(-N // PROMPT_COLUMN_BLOCKS)
+    return -(-width // 64) * 64
 
 
 class NumbaSession(Session):
@@ -242,6 +289,7 @@ class NumbaSession(Session):
         self.state.fit(1, 1, capacity)
 
     def _forward(self, ids, seq, pos, all_logits: bool, prompt: bool) -> np.ndarray:
+        _check_process()
         n = len(ids)
         # The one choice of BLAS: a prompt long enough to amortise it. Decode steps never use it, so
         # that a sequence decoded in a batch gets bitwise the logits it gets alone.
@@ -319,13 +367,14 @@ class NumbaSession(Session):
 
         def block(j0: int, j1: int):
             def run():
-                if b.fmt == K.F32_FORMAT:
-                    w = lin.w[j0:j1]
-                else:
-                    w = self.state.scratch((j1 - j0) * Kd).reshape(j1 - j0, Kd)
-                    K.dequantize(lin.w, lin.scale, b.fmt, j0, w)
                 y = y_all[rows * j0 : rows * j1].reshape(rows, j1 - j0)
-                np.matmul(x, w.T, out=y)  # [rows, K] @ [K, j1 - j0]
+                if b.fmt == K.F32_FORMAT:
+                    np.matmul(x, lin.w[j0:j1].T, out=y)  # [rows, K] @ [K, j1 - j0]
+                else:
+                    with self.state.scratch((j1 - j0) * Kd) as w:
+                        w = w.reshape(j1 - j0, Kd)
+                        K.dequantize(lin.w, lin.scale, b.fmt, j0, w)
+                        np.matmul(x, w.T, out=y)
                 K.bias_epilogue(y, lin.bias, out, mode, j0)
 
             return run
@@ -365,8 +414,7 @@ class NumbaSession(Session):
     def _column_blocks(self, N: int, block) -> None:
         """Run block(j0, j1) for PROMPT_COLUMN_BLOCKS column ranges of N outputs on the team's threads.
         Edges fall on 64-column boundaries and depend on N only, so no result depends on the thread count."""
-        width = -(-N // PROMPT_COLUMN_BLOCKS)
-        width = -(-width // 64) * 64
+        width = _block_width(N)
         T.run_blocks([block(j0, min(N, j0 + width)) for j0 in range(0, N, width)], self.backend.block_threads or self.threads)
 
     def _attention_blas(self, k_cache, v_cache, seq, pos, qkv, att) -> None:
@@ -379,9 +427,7 @@ class NumbaSession(Session):
         c, s = self.config, self.state
         n, sq, start = qkv.shape[0], int(seq[0]), int(pos[0])
         H, D = c.n_head, c.head_dim
-        per_head = min(n, PROMPT_BLOCK) * (start + n)
-        if s.prompt_scores.size < H * per_head:
-            s.prompt_scores = np.zeros(H * per_head, F32)
+        per_head = min(n, PROMPT_BLOCK) * (start + n)  # fit() made room for it
 
         def head(h: int):
             def run():
@@ -404,11 +450,11 @@ def exercise(dtype: str, threads: int | None = None) -> None:
     one on BLAS (for int8, on the integer GEMM and on BLAS), decoding, a batch. Each kernel is then
     compiled, or loaded from Numba's cache, for exactly the argument types a real model passes (what
     `picogpt-fast warmup` and the model's start-up run, warmup.py)."""
-    from .dtypes import prepare
+    from .dtypes import to_engine
     from .weights import random_weights
 
     config = GPT2Config(n_vocab=16, n_ctx=64, n_embd=8, n_head=2, n_layer=1)
-    backend = NumbaBackend(config, prepare(random_weights(config), config, dtype), threads)
+    backend = NumbaBackend(config, to_engine(random_weights(config), config, dtype), threads)
     for prompts in ("gemm", "blas") if dtype == "int8" else (backend.int8_prompts,):
         backend.int8_prompts = prompts
         s = backend.session(2, config.n_ctx)

@@ -23,7 +23,12 @@ class ModelNotFoundError(PicoGPTError):
 
 
 class InvalidArgumentError(PicoGPTError, ValueError):
-    """A generation or sampling argument with a value outside its range."""
+    """A generation or sampling argument with a value outside its range; `param` names it when it
+    is one argument (the server reports it as the error's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidArgumentError):
@@ -31,7 +36,17 @@ class ContextLengthError(InvalidArgumentError):
 
 
 class ConcurrencyError(PicoGPTError, RuntimeError):
-    """Two sessions ran at once on a Numba threading layer that cannot do that safely."""
+    """A session entered from a second thread while in use, or two sessions run at once on a Numba
+    threading layer that cannot do that safely (workqueue)."""
+
+
+class ShuttingDown(PicoGPTError):
+    """The server is shutting down: it takes no more requests, and cancels the ones still running
+    once its grace period ends."""
+
+
+class Cancelled(PicoGPTError):
+    """A request was cancelled: its client went away."""
 
 
 def read_json(path, error: type[PicoGPTError], missing: str = ""):

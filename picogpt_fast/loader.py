@@ -15,6 +15,7 @@ from pathlib import Path
 from . import cache, dtypes, validate
 from .config import GPT2Config
 from .errors import CheckpointError, ConfigError, read_json
+from .files import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 from .hub import ModelFiles, resolve_model
 from .tokenizer import Tokenizer
 from .weights import checkpoint_files
@@ -39,7 +40,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Res
     files = ModelFiles.of(folder)
     config = GPT2Config.from_file(files.config)
     converted = None
-    if files.config.name == "config.json":
+    if files.config.name == CONFIG_FILE:
         raw = read_json(files.config, ConfigError)
         marker = raw.get(CONVERTED_KEY) if isinstance(raw, dict) else None
         if marker is not None:
@@ -68,12 +69,12 @@ def load_weights(model: Resolved, dtype: str | None = None) -> dtypes.EngineWeig
     """The folder's weights as the engine reads them, in `dtype` (see dtype_for)."""
     dtype = dtype_for(model, dtype)
     if model.converted is not None:
-        return cache.read(model.folder / "model.safetensors", model.config, dtype)
+        return cache.read(model.folder / WEIGHTS_FILE, model.config, dtype)
     return cache.engine_weights(
         checkpoint_files(model.folder),
         model.config,
         dtype,
-        build=lambda: dtypes.prepare(load_checkpoint(model.folder, model.config).check(model.config), model.config, dtype),
+        build=lambda: dtypes.to_engine(load_checkpoint(model.folder, model.config).check(model.config), model.config, dtype),
     )
 
 
@@ -100,11 +101,11 @@ def convert(model: Resolved, dtype: str, out: Path) -> Path:
     try:
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-        cache.write(tmp / "model.safetensors", weights, model.config, identity=None)
+        cache.write(tmp / WEIGHTS_FILE, weights, model.config, identity=None)
         config = {**model.config.to_hf_dict(), CONVERTED_KEY: {"dtype": dtype, "format": int(cache.VERSION)}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(files.vocab, tmp / "vocab.json")
-        shutil.copyfile(files.merges, tmp / "merges.txt")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for source, name in zip((files.vocab, files.merges), TOKENIZER_FILES):
+            shutil.copyfile(source, tmp / name)
         tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
         if out.exists():
             out.rmdir()  # empty (checked above): replaced by the complete folder

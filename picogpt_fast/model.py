@@ -22,17 +22,29 @@ from . import dtypes, generation, scoring, validate
 from .config import GPT2Config
 from .dtypes import EngineWeights
 from .errors import InvalidArgumentError
-from .generation import Completion, Timings
+from .generation import Completion, Timings, tokens_only
 from .sampling import SamplingParams
 from .session import Session
 from .tokenizer import Tokenizer
 from .weights import GPT2Weights
 
 BACKENDS = ("numba", "numpy")
+# Overrides of GPT2's int8_kernel and int8_prompt, read here, at the door (documented in the README).
+INT8_KERNEL_ENV, INT8_PROMPT_ENV = "PICOGPT_FAST_INT8_KERNEL", "PICOGPT_FAST_INT8_PROMPT"
 IDLE_SESSIONS = 2  # idle sessions a model keeps for reuse (a session holds its KV cache and buffers)
 # Keywords of complete(), generate(), generate_batch(), stream() and stream_text().
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 GENERATION_KEYWORDS = (*SAMPLING_KEYWORDS, "sampling", "stop", "stop_at_eos", "logprobs", "clip")
+
+
+def _or_env(value: str | None, env: str, what: str, options: Sequence[str]) -> str:
+    """An argument as given (the backend checks it), else its environment override, else "auto"."""
+    if value is not None:
+        return value
+    value = os.environ.get(env) or "auto"
+    if value not in options:
+        raise InvalidArgumentError(f"{env}={value!r}: unknown {what}; choose one of {', '.join(options)}, or unset it")
+    return value
 
 
 class GPT2:
@@ -47,9 +59,15 @@ class GPT2:
         backend: str = "numba",
         threads: int | None = None,
         dtype: str | None = None,
+        int8_kernel: str | None = None,
+        int8_prompt: str | None = None,
     ):
         """`weights`: a checkpoint's float32 weights in picoGPT's layout (GPT2Weights, converted here to
-        `dtype`), or weights already in the engine's form (EngineWeights, from the loader)."""
+        `dtype`), or weights already in the engine's form (EngineWeights, from the loader).
+
+        int8_kernel: how an int8 model's dot products run: "auto" (the fastest the CPU has), "vnni",
+        "avx2" or "plain"; int8_prompt: how its prompts multiply, "auto", "gemm" (integer kernels) or
+        "blas". When not given, PICOGPT_FAST_INT8_KERNEL and PICOGPT_FAST_INT8_PROMPT, else "auto"."""
         backend = validate.choice("backend", backend, BACKENDS)
         self.config = config
         self.tokenizer = tokenizer
@@ -63,19 +81,23 @@ class GPT2:
             weights.check(config)
             if dtype == "float32":
                 self._reference_weights = weights
-            self.engine_weights = dtypes.prepare(weights, config, dtype) if backend == "numba" or dtype != "float32" else None
+            self.engine_weights = dtypes.to_engine(weights, config, dtype) if backend == "numba" or dtype != "float32" else None
         else:
             raise InvalidArgumentError(f"weights must be GPT2Weights or EngineWeights, not {type(weights).__name__}")
-        self.kernels = None  # the engine's kernels: compiled once per machine, loaded once per process
+        self.kernel_load = None  # the engine's kernels: compiled once per machine, loaded once per process (warmup.KernelLoad)
         if backend == "numba":
             from . import warmup
-            from .engine import NumbaBackend
+            from .engine import INT8_KERNELS, INT8_PROMPTS, NumbaBackend
 
-            self.kernels = warmup.prepare(self.engine_weights.dtype, threads)  # while a cache file's checksum is checked
+            self.kernel_load = warmup.load_kernels(self.engine_weights.dtype, threads)  # while a cache file's checksum is checked
         if self.engine_weights is not None:
             self.engine_weights = self.engine_weights.verified()
         if backend == "numba":
-            self._backend = NumbaBackend(config, self.engine_weights, threads)
+            int8 = {
+                "int8_kernel": _or_env(int8_kernel, INT8_KERNEL_ENV, "int8 kernel path", INT8_KERNELS),
+                "int8_prompt": _or_env(int8_prompt, INT8_PROMPT_ENV, "int8 prompt path", INT8_PROMPTS),
+            }
+            self._backend = NumbaBackend(config, self.engine_weights, threads, **int8)
         else:
             from .reference import ReferenceBackend
 
@@ -93,18 +115,28 @@ class GPT2:
         dtype: str | None = None,
         revision: str | None = None,
         threads: int | None = None,
+        int8_kernel: str | None = None,
+        int8_prompt: str | None = None,
     ) -> GPT2:
         """Load a local folder (Hugging Face's or picoGPT's layout, or one written by `picogpt-fast
         convert`) or a Hub id (gpt2, gpt2-medium, ..., distilgpt2, 124M..1558M, any fine-tune).
 
         dtype: "float32" (default), "float16", "bfloat16" or "int8"; conversions are cached on disk
-        (see cache.py). A converted folder loads in the dtype it was converted to.
+        (see cache.py). A converted folder loads in the dtype it was converted to. int8_kernel,
+        int8_prompt: as for GPT2().
         """
         from . import loader
 
         validate.choice("backend", backend, BACKENDS)
         files = loader.resolve(name_or_path, revision=revision)
-        return cls(files.config, loader.load_weights(files, dtype), files.tokenizer, backend=backend, threads=threads)
+        engine = {"threads": threads, "int8_kernel": int8_kernel, "int8_prompt": int8_prompt}
+        return cls(files.config, loader.load_weights(files, dtype), files.tokenizer, backend=backend, **engine)
+
+    def __reduce__(self):
+        raise InvalidArgumentError(
+            "a GPT2 model cannot be pickled: its weights are memory-mapped and its kernels loaded in this process; "
+            "load it in each process with GPT2.from_pretrained (with multiprocessing, the 'spawn' start method)"
+        )
 
     @property
     def dtype(self) -> str:
@@ -128,10 +160,9 @@ class GPT2:
         "gemm" | "blas"} (kernels/int8.py); None for other dtypes and the NumPy backend."""
         if self.dtype != "int8" or self.backend != "numba":
             return None
-        from .kernels.codes import PATH_NAMES
+        from .kernels.codes import PATH_NAME
 
-        path = self._backend.int8_path
-        return {"dot": next(n for n, c in PATH_NAMES.items() if c == path), "prompts": self._backend.int8_prompts}
+        return {"dot": PATH_NAME[self._backend.int8_path], "prompts": self._backend.int8_prompts}
 
     @property
     def threads(self) -> int | None:
@@ -211,7 +242,7 @@ class GPT2:
         if any(stop) and self.tokenizer is None:
             raise InvalidArgumentError("stop strings need a tokenizer to decode text")
         stop_at_eos = bool(kwargs.pop("stop_at_eos", True))
-        logprobs = validate.integer("logprobs", kwargs.pop("logprobs", 0), 0)
+        logprobs = validate.logprobs(kwargs.pop("logprobs", 0))
         clip = bool(kwargs.pop("clip", False))
         params = kwargs.pop("sampling", None)
         if params is None:
@@ -300,5 +331,5 @@ class GPT2:
         with self._session(1, min(len(ids), self.config.n_ctx)) as session:
             for begin, first, end in scoring.windows(len(ids), self.config.n_ctx, stride):
                 session.reset()
-                logits = session.prefill(ids[begin:end], all_logits=True)
+                logits = tokens_only(session.prefill(ids[begin:end], all_logits=True), self.tokenizer)
                 yield validate.finite_logits(logits[first - begin - 1 : end - begin - 1]), first, end

@@ -1,7 +1,8 @@
-"""Numba's environment, read when the package is imported, before any of its modules imports Numba:
-Numba refuses some bad values with a traceback at import and silently ignores others. A bad value is
-taken out of the environment (so that importing Numba cannot fail) and kept as `problem`, which the
-engine raises as one clear error when it starts (`ensure`), where a command line reports it."""
+"""Numba's environment, checked before the package first imports Numba: Numba refuses some bad
+values with a traceback at import and silently ignores others. `ensure()` raises the first bad
+value as one clear error; the modules that import Numba (kernels/jit.py, threads.py) call it first,
+so the error comes when the engine starts, where a command line reports it. Nothing here changes
+the environment."""
 
 import os
 
@@ -27,12 +28,7 @@ def check(environ=os.environ) -> tuple[str, str] | None:
 
 
 def ensure() -> None:
-    """Raise the problem found in Numba's environment, if there was one."""
-    if problem is not None:
-        raise PicoGPTError(problem)
-
-
-problem: str | None = None
-while (found := check()) is not None:
-    problem = problem or found[1]
-    del os.environ[found[0]]
+    """Raise the problem found in Numba's environment, if there is one."""
+    found = check()
+    if found is not None:
+        raise PicoGPTError(found[1])

@@ -21,6 +21,7 @@ allocated for `max_batch` sequences of the model's context once.
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 import time
 import traceback
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PicoGPTError
+from .errors import Cancelled, PicoGPTError, ShuttingDown
 from .generation import Sequence, prompt_entries
 from .sampling import SamplingParams
 
@@ -38,15 +39,19 @@ class QueueFull(PicoGPTError):
     """The request queue is full: try again later."""
 
 
-class ShuttingDown(PicoGPTError):
-    """The server no longer takes requests."""
+class Event(str, enum.Enum):
+    """What a request's sink hears, with its payload (a str enum: Event.DONE == "done")."""
+
+    PROMPT_LOGPROBS = "prompt_logprobs"  # (tokens, entries): a chunk of the prompt's log-probabilities, when asked for
+    TOKENS = "tokens"  # (ids, text, logprob entries): released tokens
+    DONE = "done"  # the Completion
+    ERROR = "error"  # the PicoGPTError that ended it: ShuttingDown, Cancelled, or the request's own problem
 
 
 @dataclass
 class Request:
-    """One sequence to generate. `sink(kind, payload)` receives ("prompt_logprobs", (tokens,
-    entries)) chunk by chunk when asked for, ("tokens", (ids, text, logprob entries)), then ("done",
-    Completion) or ("error", message)."""
+    """One sequence to generate. `sink(event, payload)` receives Event.PROMPT_LOGPROBS chunk by chunk
+    when asked for, Event.TOKENS as tokens are released, then Event.DONE or Event.ERROR."""
 
     prompt: list[int]
     budget: int
@@ -59,6 +64,7 @@ class Request:
     counted: bool = True  # in the metrics (a warm-up request is not)
     cancelled: bool = False  # set by cancel(); the slot is freed at the next step
     submitted: float = field(default_factory=time.perf_counter)
+    group: object = None  # the client's request it belongs to (its `n` choices, its prompts): slots are shared fairly among groups
 
     def sequence(self, model) -> Sequence:
         """The `generation.Sequence` that chooses this request's tokens, as `GPT2.generate` would."""
@@ -105,16 +111,16 @@ class Batch:
         for slot in filter(None, self.slots):
             slot.request.cancelled = True
 
-    def end_cancelled(self, message: str) -> None:
+    def end_cancelled(self, error: PicoGPTError) -> None:
         for i, slot in enumerate(self.slots):
             if slot is not None and slot.request.cancelled:
-                self.end(i, "error", message)
+                self.end(i, error)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, error: PicoGPTError) -> None:
         """A bug, not a bad request: fail what is running and start afresh."""
         for i, slot in enumerate(self.slots):
             if slot is not None:
-                self.end(i, "error", message)
+                self.end(i, error)
         self.session.reset()
 
     def prefill_chunk(self) -> bool:
@@ -126,22 +132,22 @@ class Batch:
                 continue
             self.turn, r = i + 1, slot.request
             if r.budget == 0 and not r.prompt_logprobs:  # nothing to generate: nothing to compute
-                self.end(i, "done")
+                self.end(i)
                 return True
             begin, end = (slot.filled + b for b in self.session.chunks(slot.filled, len(r.prompt) - slot.filled)[0])
             try:
                 logits = self.session.prefill(r.prompt[begin:end], seq=i, all_logits=r.prompt_logprobs)
             except PicoGPTError as e:
-                self.end(i, "error", str(e))
+                self.end(i, e)
                 return True
             slot.filled = end
             if r.prompt_logprobs:  # this chunk's tokens, each with the entry of the row before it
                 first = begin + (1 if begin else 0)
                 entries = prompt_entries(logits, r.prompt, begin, max(r.logprobs, 1), self.model.tokenizer)
-                _tell(r, "prompt_logprobs", (r.prompt[first : min(end, len(r.prompt) - 1) + 1], entries))
+                _tell(r, Event.PROMPT_LOGPROBS, (r.prompt[first : min(end, len(r.prompt) - 1) + 1], entries))
                 logits = logits[-1]
             if end == len(r.prompt):
-                self.end(i, "done") if r.budget == 0 else self._accept(i, logits)
+                self.end(i) if r.budget == 0 else self._accept(i, logits)
             return True
         return False
 
@@ -154,20 +160,20 @@ class Batch:
             logits = self.session.decode([self.slots[i].seq.last for i in rows], rows)
         except PicoGPTError as e:
             for i in rows:
-                self.end(i, "error", str(e))
+                self.end(i, e)
             return True
         for row, i in enumerate(rows):
             self._accept(i, logits[row])
         return True
 
-    def end(self, i: int, how: str, message: str = "") -> None:
-        """Free slot i: the request is done (what was held back is released), or failed with `message`."""
+    def end(self, i: int, error: PicoGPTError | None = None) -> None:
+        """Free slot i: the request is done (what was held back is released), or failed with `error`."""
         slot = self.slots[i]
-        if how == "done":
+        if error is None:
             self._send(slot, *slot.seq.finish())
-            _tell(slot.request, "done", slot.seq.completion)
+            _tell(slot.request, Event.DONE, slot.seq.completion)
         else:
-            _tell(slot.request, "error", message)
+            _tell(slot.request, Event.ERROR, error)
         self.slots[i] = None
         self.session.reset(i)
         self.changed()
@@ -177,21 +183,21 @@ class Batch:
         try:
             ids, text, more = slot.seq.accept(logits)
         except PicoGPTError as e:
-            self.end(i, "error", str(e))
+            self.end(i, e)
             return
         if not slot.chose and self.metrics is not None and slot.request.counted:
             self.metrics.first_token(time.perf_counter() - slot.request.submitted)
         slot.chose = True
         self._send(slot, ids, text)
         if not more:
-            self.end(i, "done")
+            self.end(i)
 
     def _send(self, slot: _Slot, ids: list[int], text: str) -> None:
         """Pass released tokens on, with their log-probability entries."""
         if ids or text:
             if self.metrics is not None and ids and slot.request.counted:
                 self.metrics.generated(len(ids))
-            _tell(slot.request, "tokens", (ids, text, slot.seq.entries(len(ids)) if slot.request.logprobs else []))
+            _tell(slot.request, Event.TOKENS, (ids, text, slot.seq.entries(len(ids)) if slot.request.logprobs else []))
 
 
 class Scheduler:
@@ -249,7 +255,7 @@ class Scheduler:
             if request in self.queue:
                 self.queue.remove(request)
                 self._gauges()
-                _tell(request, "error", "cancelled")
+                _tell(request, Event.ERROR, Cancelled("cancelled"))
             self.wake.notify()
 
     def drain(self) -> None:
@@ -267,7 +273,7 @@ class Scheduler:
             time.sleep(0.01)
         with self.wake:
             while self.queue:
-                _tell(self.queue.popleft(), "error", "cancelled: the server is shutting down")
+                _tell(self.queue.popleft(), Event.ERROR, ShuttingDown("cancelled: the server is shutting down"))
             self.batch.cancel_all()
             self.running = False
             self.wake.notify()
@@ -277,22 +283,32 @@ class Scheduler:
     def _step(self) -> None:
         """One iteration of the loop (see the module's docstring)."""
         try:
-            self.batch.end_cancelled("cancelled: the server is shutting down" if self.stopping else "cancelled")
+            self.batch.end_cancelled(ShuttingDown("cancelled: the server is shutting down") if self.stopping else Cancelled("cancelled"))
             with self.wake:
                 for i in self.batch.free():
                     if self.queue and self.running:
-                        self.batch.admit(i, self.queue.popleft())
+                        self.batch.admit(i, self._next())
                 self._gauges()
             worked = self.batch.prefill_chunk()
             worked = self.batch.decode_step() or worked
         except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
             traceback.print_exc()
-            self.batch.fail_all(f"internal error: {type(e).__name__}: {e}")
+            self.batch.fail_all(PicoGPTError(f"internal error: {type(e).__name__}: {e}"))
             return
         if not worked:
             with self.wake:
                 if self.running and not self.queue and not self.batch.cancelling():
                     self.wake.wait(timeout=0.5)
+
+    def _next(self) -> Request:
+        """The queued request to admit next: the oldest of the group holding the fewest slots, so
+        that a request of many sequences (a large n) shares the batch with the others waiting
+        instead of holding every slot for its whole length."""
+        held = collections.Counter(_group(slot.request) for slot in self.batch.slots if slot is not None)
+        best = min(range(len(self.queue)), key=lambda k: (held[_group(self.queue[k])], k))
+        request = self.queue[best]
+        del self.queue[best]
+        return request
 
     def _changed(self) -> None:
         with self.wake:
@@ -303,7 +319,11 @@ class Scheduler:
             self.metrics.occupancy(self.batch.busy, len(self.queue))
 
 
-def _tell(request: Request, kind: str, payload) -> None:
+def _group(request: Request) -> object:
+    return request.group if request.group is not None else id(request)
+
+
+def _tell(request: Request, kind: Event, payload) -> None:
     """Deliver an event; a sink that fails cancels its own request, not the others."""
     try:
         request.sink(kind, payload)

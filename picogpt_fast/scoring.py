@@ -17,9 +17,7 @@ def windows(n: int, n_ctx: int, stride: int | None) -> list[tuple[int, int, int]
     n_ctx tokens starting every `stride` (default n_ctx // 2), which scores tokens first..end-1,
     every token (but the very first) exactly once, each with the context its window gives it."""
     validate.scorable(n)
-    if stride is None:
-        stride = max(n_ctx // 2, 1)
-    stride = validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
+    stride = check_stride(stride, n_ctx)
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + n_ctx, n)
@@ -28,6 +26,13 @@ def windows(n: int, n_ctx: int, stride: int | None) -> list[tuple[int, int, int]
         if end == n:
             break
     return out
+
+
+def check_stride(stride: int | None, n_ctx: int) -> int:
+    """The windows' stride: 1 to the context size; None means half the context."""
+    if stride is None:
+        return max(n_ctx // 2, 1)
+    return validate.integer("stride", stride, 1, n_ctx, f"must be between 1 and the context size {n_ctx}")
 
 
 def token_logprobs(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:

@@ -20,10 +20,11 @@ import os
 import threading
 from contextlib import contextmanager
 
-import numba
-
 from . import numba_env, validate
 from .errors import ConcurrencyError
+
+numba_env.ensure()  # a bad NUMBA_* value is one clear error, before Numba reads it
+import numba  # noqa: E402
 
 
 def threading_layer() -> str:

@@ -13,14 +13,15 @@ the cached machine code, whichever compiled it. The child imports the package th
 imported, whatever the current folder holds. Only when no cache can be written do kernels compile in
 the running process.
 
-`prepare(dtype)` is what a model runs at construction (model.py): cached (compiled in a child if
-need be), then loaded here, so that neither stays inside a later timing. `notice(text)` says when
-compiling takes long; a command line sets it with `set_notice`.
+`load_kernels(dtype)` is what a model runs at construction (model.py): cached (compiled in a child
+if need be), then loaded here, so that neither stays inside a later timing. Compiling is announced
+through the package's logger ("picogpt_fast"), naming the dtype, and timed in the KernelLoad.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ PACKAGE = Path(__file__).resolve().parent
 
 
 @dataclass
-class Warmup:
+class KernelLoad:
     seconds: float  # loading (or, with no cache, compiling) in this process
     compiled: int  # kernels compiled in this process
     loaded: int  # kernels loaded from the cache
@@ -46,7 +47,7 @@ class Warmup:
     child_seconds: float = 0.0  # compiling in a child process first
 
 
-def compile_all(threads: int | None = None, dtypes=None) -> Warmup:
+def compile_all(threads: int | None = None, dtypes=None) -> KernelLoad:
     """Run a tiny model through every engine path in every weight dtype (or those listed), in this
     process: what `picogpt-fast warmup` and the child of `ensure_cached` do."""
     numba_env.ensure()
@@ -64,7 +65,7 @@ def compile_all(threads: int | None = None, dtypes=None) -> Warmup:
         index = "\n".join(sorted(p.name for p in Path(K.linear.stats.cache_path).glob("*.nbi")))
         for dtype in dtypes or DTYPES:
             _marker(dtype).write_text(index)
-    return Warmup(seconds, after[1] - before[1], after[0] - before[0], K.linear.stats.cache_path, T.threading_layer())
+    return KernelLoad(seconds, after[1] - before[1], after[0] - before[0], K.linear.stats.cache_path, T.threading_layer())
 
 
 def _marker(dtype: str) -> Path:
@@ -85,7 +86,7 @@ def _marker(dtype: str) -> Path:
 
 
 _cached: set[str] = set()  # dtypes whose kernels this process found (or put) in the cache
-_loaded: dict[str, Warmup] = {}  # dtypes whose kernels this process has loaded
+_loaded: dict[str, KernelLoad] = {}  # dtypes whose kernels this process has loaded
 
 
 def ensure_cached(dtype: str) -> float:
@@ -104,11 +105,11 @@ def ensure_cached(dtype: str) -> float:
     env = dict(os.environ)
     if jit.numba.config.CACHE_DIR:  # also a fall-back folder chosen in this process (kernels/jit.py)
         env["NUMBA_CACHE_DIR"] = jit.numba.config.CACHE_DIR
-    with _notice_if_slow():
+    with _notice_if_slow(dtype):
         child = subprocess.run(_child_command(dtype), env=env, cwd=PACKAGE.parent, capture_output=True, text=True)
     if child.returncode != 0 or not _trusted(marker):  # compile here instead; results may then differ from cached runs in the last bit
         why = (child.stderr.strip().splitlines() or [f"exit code {child.returncode}, no message"])[-1][:200]
-        _notice(f"compiling the kernels in a child process failed ({why}); compiling in this process")
+        log.warning(f"compiling the kernels in a child process failed ({why}); compiling in this process")
         return 0.0
     _cached.add(dtype)
     return time.perf_counter() - t0
@@ -121,13 +122,17 @@ def _child_command(dtype: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def prepare(dtype: str, threads: int | None = None) -> Warmup:
+def load_kernels(dtype: str, threads: int | None = None) -> KernelLoad:
     """Cache (ensure_cached) and load the kernels `dtype` needs into this process, once per process:
     what a model does at construction, so that compiling and loading stay out of its first call."""
     numba_env.ensure()
+    from .kernels import jit
+
+    if not _loaded and jit.CACHE_NOTICE:
+        log.warning(jit.CACHE_NOTICE)
     if dtype not in _loaded:
         child = ensure_cached(dtype)
-        with _notice_if_slow():
+        with _notice_if_slow(dtype):
             done = compile_all(threads, [dtype])
         done.child_seconds = child
         _loaded[dtype] = done
@@ -144,26 +149,19 @@ def _trusted(marker: Path) -> bool:
     return bool(names) and all((marker.parent / name).exists() for name in names)
 
 
-COMPILING = "compiling the engine's kernels, once (they are cached; `picogpt-fast warmup` does it ahead of time)"
-
-
-def _stderr(text: str) -> None:
-    print(f"picogpt-fast: {text}", file=sys.stderr, flush=True)
-
-
-_notice = _stderr
-
-
-def set_notice(notice) -> None:
-    """Where the compile notices go: notice(text), or None for stderr."""
-    global _notice
-    _notice = notice or _stderr
+log = logging.getLogger("picogpt_fast")
 
 
 @contextmanager
-def _notice_if_slow():
-    """_notice(COMPILING) once if the block takes over a second: it is compiling."""
-    timer = threading.Timer(1.0, lambda: _notice(COMPILING))
+def _notice_if_slow(dtype: str):
+    """Say once that the `dtype` kernels are compiling, if the block takes over a second (loading
+    them from the cache takes less)."""
+    timer = threading.Timer(
+        1.0,
+        lambda: log.warning(
+            f"compiling the engine's {dtype} kernels, once (each dtype compiles on its first use; `picogpt-fast warmup` compiles them all ahead of time)"
+        ),
+    )
     timer.start()
     try:
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -93,6 +94,36 @@ def models(model_dir):
     return get
 
 
+@pytest.fixture(autouse=True)
+def fresh_logger():
+    """Each test starts with the package's logger as a new process has it: a CLI run in process
+    installs its notices handler and level, which must not decide what a later API test sees."""
+    yield
+    _reset_logger()
+
+
+def _reset_logger() -> None:
+    log = logging.getLogger("picogpt_fast")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+
+
+@pytest.fixture
+def notices(caplog):
+    """notices() -> the package's log lines (what the command line shows on stderr) since the last
+    call. Through caplog: pytest's own log capture keeps them from reaching stderr in process."""
+    caplog.set_level(logging.INFO, logger="picogpt_fast")
+
+    def take() -> str:
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("picogpt_fast")]
+        caplog.clear()
+        return "\n".join(lines) + "\n" if lines else ""
+
+    return take
+
+
 @pytest.fixture
 def cli(capsys):
     """cli(*args) -> (exit code, stdout, stderr) of `picogpt-fast args...`, in process."""
@@ -104,6 +135,8 @@ def cli(capsys):
             main([str(a) for a in args])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:
+            _reset_logger()  # as when the command's process ends
         out, err = capsys.readouterr()
         return code, out, err
 

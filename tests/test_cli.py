@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from picogpt_fast import GPT2
+
 from .conftest import PYTHON, child, subprocess_env
 
 PROMPT = "Alan Turing theorized that computers would one day become"
@@ -161,16 +163,24 @@ def test_version_and_help(cli):
 
 
 def test_bench_report(cli, model_dir):
-    code, out, err = cli("bench", "--model", model_dir("small"), "--prompt", "4,20", "--gen", 3, "--reps", 2, "--json")
+    code, out, err = cli("bench", "--model", model_dir("small"), "--prompt", "4,20", "--gen", 3, "--batch", "2", "--reps", 2, "--json")
     assert code == 0, err
     r = json.loads(out)
     tests = {(row["test"], row["backend"]) for row in r["rows"]}
-    assert {("pp4", "numba"), ("pp20", "numba"), ("tg3", "numba"), ("pp4", "numpy"), ("tg3", "numpy")} <= tests
+    assert {("pp4", "numba"), ("pp20", "numba"), ("tg3", "numba"), ("tg3 x2", "numba"), ("pp4", "numpy"), ("tg3", "numpy")} <= tests
     decode = next(row for row in r["rows"] if row["test"] == "tg3")
     assert decode["tok_s"] > 0 and decode["bandwidth_fraction"] > 0 and decode["reps"] == 2
-    assert r["bandwidth_gb_s"] > 0 and r["peak_rss_bytes"] > 0 and r["machine"]["threading_layer"]
+    batch = next(row for row in r["rows"] if row["test"] == "tg3 x2")
+    assert batch["batch"] == 2 and batch["tokens"] == 6 and batch["vs_one_sequence"] > 0
+    ttft = next(row for row in r["rows"] if row["test"].startswith("ttft") and row["backend"] == "numba")
+    assert ttft["tok_s"] is None and ttft["median_ms"] > 0  # a time, in its own unit
+    assert r["bandwidth_gb_s"] > 0 and r["bandwidth_after_gb_s"] > 0 and "contiguous range per thread" in r["probe"]
+    assert r["peak_rss_bytes"] > 0 and r["machine"]["threading_layer"]
+    assert "picogpt-fast bench: float32 tg3 x2 (2 reps)" in err  # progress, on stderr
     code, out, _ = cli("bench", "--model", model_dir("small"), "--prompt", "4", "--gen", 2, "--reps", 1, "--no-reference")
     assert code == 0 and "| pp4 | numba |" in out and "numpy" not in out.split("| test |")[1]
+    ttft_row = next(line for line in out.splitlines() if line.startswith("| ttft"))
+    assert ttft_row.split("|")[4].strip() == "" and float(ttft_row.split("|")[6]) > 0  # no tok/s: milliseconds
     code, _, err = cli("bench", "--model", model_dir("small"), "--prompt", "500")
     assert code == 1 and "must fit the context" in err
 
@@ -187,7 +197,7 @@ def test_warmup_says_whether_it_compiled(tmp_path, model_dir):
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "fresh")
     r = run("run", "Hello", "--model", model_dir("small"), "-n", 3)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("compiling the engine's kernels") == 1
+    assert r.stderr.count("compiling the engine's float32 kernels") == 1
     prefill_ms = float(re.search(r"prefill: \d+ tokens? in ([\d.]+) ms", r.stderr).group(1))
     assert prefill_ms < 1000  # the compiling (seconds) happened before
 
@@ -267,3 +277,23 @@ def test_cache_lists_and_clears_what_is_cached(cli, model_dir, tmp_path, monkeyp
     assert code == 0 and "removed 1 entry" in err
     code, out, err = cli("cache", "clear")
     assert code == 0 and "removed 2 entries" in err and "0 entries" in cli("cache")[1]
+
+
+def test_the_help_shows_each_command_s_summary_whole(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    commands = out.split("Commands:")[1].split("Examples:")[0]
+    for name in ("run", "tokenize", "score", "dataset", "convert", "cache", "warmup", "bench", "serve"):
+        line = next(line for line in commands.splitlines() if line.strip().startswith(name + " "))
+        assert not line.rstrip().endswith("..."), line
+
+
+def test_the_default_model_comes_from_the_environment(cli, model_dir, monkeypatch):
+    monkeypatch.setenv("PICOGPT_FAST_MODEL", str(model_dir("small")))
+    code, out, err = cli("run", "Hello", "-n", 3, "-q")
+    assert code == 0, err
+    assert (
+        out
+        == GPT2.from_pretrained(model_dir("small")).tokenizer.decode(GPT2.from_pretrained(model_dir("small")).generate("Hello", 3)) + "\n"
+    )
+    assert cli("tokenize", "Hello world")[1] == "15496 995\n"

@@ -167,7 +167,7 @@ def test_cache_is_built_once_then_mapped(model_dir, weights_cache, tmp_path, mon
     assert sorted(os.listdir(folder)) == before  # nothing is written into the model's folder
 
 
-def test_stale_and_corrupt_entries_are_rebuilt(model_dir, tmp_path, monkeypatch, capfd):
+def test_stale_and_corrupt_entries_are_rebuilt(model_dir, tmp_path, monkeypatch, notices):
     monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     folder.mkdir()
@@ -178,19 +178,19 @@ def test_stale_and_corrupt_entries_are_rebuilt(model_dir, tmp_path, monkeypatch,
     data = bytearray(entry.read_bytes())
     entry.write_bytes(bytes(data[: len(data) // 2]))  # truncated
     assert np.array_equal(GPT2.from_pretrained(folder, dtype="float16").forward([4, 5]), want)
-    assert "rebuilding the cached float16 weights" in capfd.readouterr().err
+    assert "rebuilding the cached float16 weights" in notices()
     os.utime(folder / "model.safetensors", ns=(1, 1))  # the checkpoint changed since the entry was made
     GPT2.from_pretrained(folder, dtype="float16")
-    assert "converted from another version of the checkpoint" in capfd.readouterr().err
+    assert "converted from another version of the checkpoint" in notices()
     assert len(entries(tmp_path / "cache")) == 1  # replaced in place, no garbage
 
 
-def test_unwritable_cache_path_falls_back_to_memory(model_dir, tmp_path, monkeypatch, capfd):
+def test_unwritable_cache_path_falls_back_to_memory(model_dir, tmp_path, monkeypatch, notices):
     """A cache 'directory' that is a file cannot be written by anyone, root included."""
     (tmp_path / "not-a-dir").write_text("x")
     monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path / "not-a-dir" / "cache"))
     m = GPT2.from_pretrained(model_dir("small"), dtype="int8")
-    err = capfd.readouterr().err
+    err = notices()
     assert "converted weights stay in memory" in err and len(err.strip().splitlines()) == 1
     assert len(m.generate([1, 2], 3, stop_at_eos=False)) == 3
 
@@ -210,20 +210,20 @@ def as_format_2(path):
     tensorfile.write(path, arrays, meta)
 
 
-def test_a_cache_entry_in_the_previous_layout_is_rebuilt_with_one_line(model_dir, tmp_path, monkeypatch, capfd):
+def test_a_cache_entry_in_the_previous_layout_is_rebuilt_with_one_line(model_dir, tmp_path, monkeypatch, notices):
     monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path))
     want = GPT2.from_pretrained(model_dir("small"), dtype="int8").forward([4, 5, 6])
     entry = tmp_path / entries(tmp_path)[0]
     as_format_2(entry)
-    capfd.readouterr()
+    notices()
     again = GPT2.from_pretrained(model_dir("small"), dtype="int8")
-    err = capfd.readouterr().err.strip().splitlines()
+    err = notices().strip().splitlines()
     assert len(err) == 1 and "rebuilding the cached int8 weights" in err[0] and "(format 2)" in err[0]
     assert np.array_equal(again.forward([4, 5, 6]), want)
     assert tensorfile.read_header(entry)[1]["version"] == cache.VERSION  # rebuilt in place
 
 
-def test_a_converted_folder_in_the_previous_layout_loads_or_names_the_fix(cli, model_dir, tmp_path, capfd):
+def test_a_converted_folder_in_the_previous_layout_loads_or_names_the_fix(cli, model_dir, tmp_path, notices):
     """float formats kept their layout: such a folder loads as it is, with a line saying that
     converting it again makes it faster (its tensors are not cache-line aligned); int8 changed, and
     its folder is refused in one line naming the command that converts it again."""
@@ -232,9 +232,9 @@ def test_a_converted_folder_in_the_previous_layout_loads_or_names_the_fix(cli, m
     want = GPT2.from_pretrained(tmp_path / "float16").forward([7, 8])
     for dtype in ("float16", "int8"):
         as_format_2(tmp_path / dtype / "model.safetensors")
-    capfd.readouterr()
+    notices()
     assert np.array_equal(GPT2.from_pretrained(tmp_path / "float16").forward([7, 8]), want)
-    err = capfd.readouterr().err.strip().splitlines()
+    err = notices().strip().splitlines()
     assert len(err) == 1 and "weights format 2" in err[0] and "converting it again" in err[0]
     code, _, err = cli("run", "Hello", "--model", tmp_path / "int8", "-n", 2)
     assert code == 1 and len(err.strip().splitlines()) == 1

@@ -131,7 +131,7 @@ def test_an_edit_in_place_with_its_time_set_back_is_a_new_checkpoint(model_dir, 
         assert not np.allclose(after, before, atol=1e-3), backend
 
 
-def test_a_cache_entry_whose_bytes_changed_is_rebuilt_not_used(model_dir, tmp_path, monkeypatch, capfd):
+def test_a_cache_entry_whose_bytes_changed_is_rebuilt_not_used(model_dir, tmp_path, monkeypatch, notices):
     monkeypatch.setenv("PICOGPT_FAST_CACHE", str(tmp_path))
     folder = model_dir("small")
     ids = [3, 1, 4, 1, 5]
@@ -140,9 +140,9 @@ def test_a_cache_entry_whose_bytes_changed_is_rebuilt_not_used(model_dir, tmp_pa
     data = bytearray(entry.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\x7f" * 64  # the same size, other bytes
     entry.write_bytes(bytes(data))
-    capfd.readouterr()
+    notices()
     again = GPT2.from_pretrained(folder, dtype="int8")
-    assert "corrupt (checksum mismatch); rebuilding them" in capfd.readouterr().err
+    assert "corrupt (checksum mismatch); rebuilding them" in notices()
     assert np.array_equal(again.forward(ids), good)
     assert entry.read_bytes() != bytes(data)  # rewritten, so the next start maps it again
 

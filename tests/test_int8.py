@@ -216,7 +216,7 @@ def test_paths_follow_the_cpu_features():
     assert cpu.paths_for({"avx2", "avx512vnni"}) == (PATH_PLAIN, PATH_AVX2)  # no 256-bit form without VL
 
 
-def test_a_forced_path_the_cpu_lacks_falls_back(model_dir, monkeypatch, capfd):
+def test_a_forced_path_the_cpu_lacks_falls_back(model_dir, monkeypatch, notices):
     """PICOGPT_FAST_INT8_KERNEL names a path; one this CPU cannot run falls back to the best it has,
     with one line, and gives bitwise what that path gives."""
     monkeypatch.setenv("PICOGPT_FAST_INT8_PROMPT", "gemm")  # prompts in integers on every path (auto: BLAS on the plain one)
@@ -225,9 +225,9 @@ def test_a_forced_path_the_cpu_lacks_falls_back(model_dir, monkeypatch, capfd):
     want = base.forward(ids)
     for name, code in PATH_NAMES.items():
         monkeypatch.setenv("PICOGPT_FAST_INT8_KERNEL", name)
-        capfd.readouterr()
+        notices()
         model = GPT2.from_pretrained(model_dir("odd"), dtype="int8")
-        err = capfd.readouterr().err
+        err = notices()
         assert model.int8_kernels["dot"] == NAMES[code if code in PATHS else PATHS[-1]]
         assert ("cannot run the" in err) == (code not in PATHS)
         assert np.array_equal(model.forward(ids), want)

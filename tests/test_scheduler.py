@@ -9,8 +9,9 @@ import time
 import pytest
 
 from picogpt_fast import GPT2
+from picogpt_fast.errors import Cancelled, ShuttingDown
 from picogpt_fast.sampling import SamplingParams
-from picogpt_fast.scheduler import QueueFull, Request, Scheduler, ShuttingDown
+from picogpt_fast.scheduler import Event, QueueFull, Request, Scheduler
 
 from .conftest import wait_until
 
@@ -124,7 +125,8 @@ def test_cancelled_requests_leave_at_the_next_step(model):
         while len(rec.ids) < 3:
             time.sleep(0.001)
         scheduler.cancel(r)
-        assert rec.over.wait(5) and rec.events[-1] == ("error", "cancelled")
+        assert rec.over.wait(5) and rec.events[-1][0] == Event.ERROR
+        assert isinstance(rec.events[-1][1], Cancelled) and str(rec.events[-1][1]) == "cancelled"
         n = len(rec.ids)
         time.sleep(0.05)
         assert len(rec.ids) == n and scheduler.busy == 0
@@ -172,3 +174,28 @@ def test_queue_bound_and_shutdown(model):
     with pytest.raises(ShuttingDown):
         scheduler.submit([reqs[2][0]])
     assert scheduler.finished.is_set()
+
+
+def test_a_free_slot_goes_to_the_group_holding_the_fewest(model):
+    """A request of many sequences (one group) does not keep every slot while another waits: the
+    first slot that frees goes to the other group, though the big group queued first."""
+    scheduler = Scheduler(model, max_batch=2, max_queue=16)  # stepped by hand, on this thread
+    big = []
+    for budget in (2, 40, 40, 40):
+        r, rec = request(model, "Hello", budget)
+        r.group = "big"
+        big.append(rec)
+        scheduler.submit([r])
+    scheduler._step()
+    small, rec_small = request(model, "Hi", 3)
+    small.group = "small"
+    scheduler.submit([small])
+    while not big[0].over.is_set():
+        scheduler._step()
+    scheduler._step()  # the freed slot is filled
+    held = [s.request.group for s in scheduler.batch.slots if s is not None]
+    assert sorted(held) == ["big", "small"]
+    while not rec_small.over.is_set():
+        scheduler._step()
+    assert rec_small.ids == model.generate("Hi", 3) and not big[2].events  # the small one ran first
+    scheduler.stop(0)

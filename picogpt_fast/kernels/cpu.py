@@ -44,7 +44,7 @@ def choose_path(requested: str | None) -> tuple[int, str | None]:
     """The int8 path to run: the fastest this target has ("auto" or None), or the one requested if
     the target has it, else the fastest it has below it. Returns (path, a one-line notice when the
     request could not be met, else None). ValueError for a name that is not a path."""
-    from .codes import PATH_NAMES
+    from .codes import PATH_NAME, PATH_NAMES
 
     have = target_paths()
     if requested in (None, "", "auto"):
@@ -55,5 +55,4 @@ def choose_path(requested: str | None) -> tuple[int, str | None]:
     if want in have:
         return want, None
     got = max(p for p in have if p < want)
-    name = next(n for n, p in PATH_NAMES.items() if p == got)
-    return got, f"this CPU cannot run the {requested} int8 kernels; using {name}"
+    return got, f"this CPU cannot run the {requested} int8 kernels; using {PATH_NAME[got]}"

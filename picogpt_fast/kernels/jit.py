@@ -4,7 +4,8 @@
   Numba's per-user cache folder), so a second process does not compile again (`picogpt-fast warmup`
   fills the cache ahead of time). When none of those can be written (a read-only install, a user
   without a home folder), a per-user folder under the system's temporary directory is used, and if
-  even that fails the kernels compile in memory; either way one line on stderr says so.
+  even that fails the kernels compile in memory; either way a notice says so (CACHE_NOTICE, logged
+  when a model first loads its kernels).
 - `nogil=True`: kernels release the GIL, so two sessions in two Python threads really run at once.
 - `fastmath`: 'reassoc' lets LLVM vectorise reductions (dot products, sums), 'contract' lets it fuse
   multiply-adds, 'nsz' ignores the sign of zero. Each reduction still has one fixed order per compiled
@@ -15,7 +16,6 @@
 """
 
 import os
-import sys
 import tempfile
 
 import numba
@@ -34,33 +34,28 @@ def _writable(folder: str) -> bool:
         return False
 
 
-def _cache_enabled() -> bool:
-    """Whether Numba can cache these kernels; points it at a writable folder when its own are not."""
+def _cache_enabled() -> tuple[bool, str | None]:
+    """(whether Numba can cache these kernels, a notice when not where it usually does); points it
+    at a writable folder when its own are not. Nothing is printed here, at import: warmup.py passes
+    the notice on when a model loads its kernels."""
     from numba.misc.appdirs import AppDirs
 
     if numba.config.CACHE_DIR and _writable(numba.config.CACHE_DIR):
-        return True
+        return True, None
     candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__"), AppDirs("numba", appauthor=False).user_cache_dir]
     if any(_writable(folder) for folder in candidates):
-        return True
+        return True, None
     fallback = os.path.join(tempfile.gettempdir(), f"picogpt-fast-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
     if _writable(fallback):
         numba.config.CACHE_DIR = fallback
-        print(
-            f"picogpt-fast: no writable Numba cache (the package folder, NUMBA_CACHE_DIR, the user cache); "
-            f"compiled kernels go to {fallback}",
-            file=sys.stderr,
-        )
-        return True
-    print(
-        "picogpt-fast: no writable folder for Numba's cache; kernels compile in memory in every process "
-        "(set NUMBA_CACHE_DIR to a writable folder to keep them)",
-        file=sys.stderr,
+        return True, f"no writable Numba cache (the package folder, NUMBA_CACHE_DIR, the user cache); compiled kernels go to {fallback}"
+    return (
+        False,
+        "no writable folder for Numba's cache; kernels compile in memory in every process (set NUMBA_CACHE_DIR to a writable folder to keep them)",
     )
-    return False
 
 
-CACHE = _cache_enabled()
+CACHE, CACHE_NOTICE = _cache_enabled()
 
 # A parallel kernel called from Python with preallocated output buffers.
 kernel = njit(parallel=True, cache=CACHE, nogil=True, fastmath=FASTMATH, error_model="numpy")
