@@ -13,7 +13,7 @@ dtypes (see kernels/formats.py):
                that one int32 lane of the CPU's integer dot product accumulates one output
 
 The embedding / output projection is converted too; positions, layer norms and biases stay float32.
-`prepare` converts GPT2Weights (what loaders read) into EngineWeights; `to_reference` goes back to
+`to_engine` converts GPT2Weights (what loaders read) into EngineWeights; `to_reference` goes back to
 picoGPT's layout in float32 (the dequantized values), so that the NumPy reference computes exactly
 the model the engine runs. `tensors()` / `from_tensors()` are the on-disk form (cache.py, convert).
 This module imports no Numba: commands that do not run the engine stay quick to start.
@@ -28,12 +28,11 @@ import numpy as np
 from . import tensors
 from .config import GPT2Config
 from .errors import CheckpointError
-from .kernels.codes import BF16, F16, F32_FORMAT, GROUP, I8, INTERLEAVE  # the format codes the kernels dispatch on (no Numba)
+from .kernels.codes import DTYPES, GROUP, INTERLEAVE  # the format codes the kernels dispatch on (no Numba)
 from .memory import aligned, zeros
 from .weights import GPT2Weights, LayerWeights
 
 F32 = np.float32
-DTYPES = {"float32": F32_FORMAT, "float16": F16, "bfloat16": BF16, "int8": I8}
 STORAGE = {"float32": np.dtype(F32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 FLOAT16_MAX = 65504.0
 # From the one table of GPT-2's tensors (tensors.py): each layer's matrices, stored [L, out, in] in the
@@ -272,7 +271,7 @@ def dequantize(m: Matrix, dtype: str) -> np.ndarray:
     return (q.astype(F32).reshape(*q.shape[:-1], -1) * np.repeat(scale, GROUP, axis=-1)[..., :K]).astype(F32)
 
 
-def prepare(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeights:
+def to_engine(weights: GPT2Weights, config: GPT2Config, dtype: str) -> EngineWeights:
     """GPT2Weights ([in, out] per layer, float32) -> EngineWeights ([out, in] rows stacked by kind, in
     dtype). Layers are converted one at a time, so the extra memory is one layer's."""
     layers = weights.layers

@@ -149,6 +149,7 @@ class Sequence:
     def accept(self, logits: np.ndarray) -> tuple[list[int], str, bool]:
         """Choose the next token; return (released ids, released text, whether generation goes on)."""
         c = self.completion
+        logits = tokens_only(logits, self.tokenizer)
         validate.finite_logits(logits)
         token = self.sampler(logits, self.history if self.params.repetition_penalty != 1 else ())
         if self.stop_at_eos and token == self.eos_id:
@@ -251,10 +252,20 @@ def prompt_entries(logits: np.ndarray, prompt: list[int], start: int, k: int, to
     prompt's first token, which nothing predicts, is None (given when start is 0). Called chunk by
     chunk as a prompt is prefilled, so that its logits never accumulate."""
     entries = [None] if start == 0 else []
+    logits = tokens_only(logits, tokenizer)
     for i in range(len(logits)):
         if start + i + 1 < len(prompt):
             entries.append(logprob_entry(logits[i], prompt[start + i + 1], k, tokenizer))
     return entries
+
+
+def tokens_only(logits: np.ndarray, tokenizer: Tokenizer | None) -> np.ndarray:
+    """The logits of the tokenizer's ids only (the last axis cut short): a model whose vocabulary is
+    padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50257) never picks or scores a padded
+    row, which no text could hold."""
+    if tokenizer is not None and logits.shape[-1] > tokenizer.n_vocab:
+        return logits[..., : tokenizer.n_vocab]
+    return logits
 
 
 def logprob_entry(logits: np.ndarray, token: int, k: int, tokenizer: Tokenizer | None) -> dict:

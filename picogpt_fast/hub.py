@@ -11,7 +11,9 @@ so a local folder never pays its import time.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +60,12 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None, 
         check_model_folder(path, name, tokenizer_only)
         return path
     if path.exists():
-        raise ModelNotFoundError(f"{name} is a file, not a model folder; pass the folder that holds config.json")
+        raise ModelNotFoundError(f"{name} is a file, not a model folder; pass the folder that holds {CONFIG_FILE}")
     repo_id = ALIASES.get(name, name)
     if _looks_like_path(name) or not _valid_repo_id(repo_id):
         raise ModelNotFoundError(
             f"model {name!r} is neither an existing folder nor a Hub id; pass a local folder with "
-            "config.json + model.safetensors + vocab.json + merges.txt, or a Hub id such as 'gpt2'"
+            f"{' + '.join((CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES))}, or a Hub id such as 'gpt2'"
         )
     label = name if repo_id == name else f"{name} ({repo_id})"
     folder = _snapshot(repo_id, label, revision, list(TOKENIZER_FILES) if tokenizer_only else ALLOW_PATTERNS)
@@ -87,7 +89,30 @@ def check_model_folder(folder: Path, name: str, tokenizer_only: bool = False) ->
         missing = [f for f in needed if not (has_weights if f == WEIGHTS_FILE else (folder / f).is_file())]
     if missing:
         where = f"model folder {folder}" if name == str(folder) else f"model {name}: folder {folder}"
+        odd = next((problem for f in missing if (problem := file_problem(folder / f)) is not None), None)
+        if odd is not None:
+            raise ModelNotFoundError(f"{where}: {odd}; replace it with the file itself")
         raise ModelNotFoundError(f"{where} lacks {', '.join(missing)}; add them or re-download the model")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a path that is there is not a readable regular file (a symlink loop, a symlink to
+    nothing, a folder, a device, ...), or None when it is one or is simply missing."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path.name} is a symlink loop"
+        if e.errno == errno.ENOENT:
+            return f"{path.name} is a symlink to {os.readlink(path)}, which does not exist"
+        return f"cannot read {path.name}: {e.strerror or e}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path.name} is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path.name} is not a regular file (a device, a pipe or a socket)"
+    return None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -134,7 +159,7 @@ def _snapshot(repo_id: str, label: str, revision: str | None, allow_patterns: li
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise ModelNotFoundError(
             f"model {label}{at} is not in the Hugging Face cache and {why}; connect, "
-            "or pass a local folder (on the command line: --model FOLDER)"
+            "or name a local folder instead (or set PICOGPT_FAST_MODEL to one)"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(

@@ -23,6 +23,13 @@ def zeros(shape, dtype=np.float32) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def empty(nbytes: int) -> np.ndarray:
+    """A uint8 buffer of nbytes, uninitialised, its data starting at a multiple of ALIGN bytes."""
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes]
+
+
 def aligned(a: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of a that starts at a multiple of ALIGN bytes (a itself if it already does)."""
     if a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 from . import validate
 from .errors import PicoGPTError
 from .sampling import SamplingParams
+from .scheduler import Event
+from .tokenizer import check_text
 
-MAX_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
-MAX_STOP, MAX_STOP_CHARS = 4, 1000  # stop strings of one request: OpenAI's count, and a bound on their total length
+# Stop strings of one request: each is searched for in the text after every token, so what bounds the
+# work is their total length (lm-evaluation-harness adds its end-of-text string to a task's four, so
+# the hosted API's count of 4 is not a limit here: vLLM and llama.cpp's server set none).
+MAX_STOP, MAX_STOP_CHARS = 64, 1000
+MAX_N = 128  # choices per prompt, OpenAI's limit
+MAX_SEQUENCES = 128  # sequences of one request (prompts x n), whatever the queue's size
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
 # Extensions beside OpenAI's parameters, as llama.cpp's server and vLLM accept them.
 EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "ignore_eos")
@@ -114,7 +120,8 @@ def _integer(body, name, default, low, high) -> int:
 
 def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_vocab: int, max_sequences: int) -> Job:
     """Check a /v1/completions body completely; raise ApiError naming the first problem. `served`:
-    the model names this server answers to, the first the one it reports."""
+    the model names this server answers to, the first the one it reports; `max_sequences`: the
+    queue's size (a request never asks for more than MAX_SEQUENCES)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = [k for k in body if k not in FIELDS]
@@ -137,8 +144,9 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
         raise ApiError(400, "'suffix' (insertion) is not supported by GPT-2", param="suffix")
     _get(body, "user", (str,), "", "a string")
 
-    n = _integer(body, "n", 1, 1, max_sequences)
-    best_of = _integer(body, "best_of", n, 1, max_sequences)
+    max_sequences = min(max_sequences, MAX_SEQUENCES)
+    n = _integer(body, "n", 1, 1, min(MAX_N, max_sequences))
+    best_of = _integer(body, "best_of", n, 1, min(MAX_N, max_sequences))
     if best_of != n:
         raise ApiError(400, f"'best_of' must equal 'n' ({n}): ranking extra candidates is not supported", param="best_of")
     try:
@@ -154,27 +162,13 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
     include_usage = _get(options, "include_usage", (bool,), False, "true or false")
     logprobs = body.get("logprobs")
     if logprobs is not None:
-        logprobs = _integer(body, "logprobs", 0, 0, MAX_LOGPROBS)
+        logprobs = _integer(body, "logprobs", 0, 0, validate.MAX_LOGPROBS)
     echo = _get(body, "echo", (bool,), False, "true or false")
     stop = _stop(body.get("stop"))
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - max_sequences):
-        raise ApiError(400, "'seed' must be a non-negative integer below 2**63", param="seed")
-    top_k = body.get("top_k")
-    try:
-        params = SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0, 2, "between 0 and 2"),
-            top_p=_get(body, "top_p", (int, float), 1.0, "a number"),
-            top_k=0 if top_k == -1 else _get(body, "top_k", (int,), 0, "an integer"),  # vLLM: -1 is off
-            min_p=_get(body, "min_p", (int, float), 0.0, "a number"),
-            repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0, "a number"),
-            seed=seed,
-        )  # the ranges are SamplingParams' own (sampling.py), the same as the command line's and the Python API's
-    except PicoGPTError as e:
-        raise ApiError(400, str(e), param=str(e).split("=")[0] if "=" in str(e)[:30] else None) from None
+    params = _sampling(body, max_sequences)
     stop_at_eos = not _get(body, "ignore_eos", (bool,), False, "true or false")
 
-    prompts, texts = _prompts(body.get("prompt"), tokenizer, n_vocab)
+    prompts, texts = _prompts(body.get("prompt"), tokenizer, n_vocab, n_ctx)
     if len(prompts) * n > max_sequences:
         raise ApiError(
             400,
@@ -195,19 +189,39 @@ def parse_completion(body, *, served: tuple[str, ...], tokenizer, n_ctx: int, n_
     return Job(prompts, texts, n, max_tokens, params, stop, stop_at_eos, logprobs, echo, stream, include_usage, served[0])
 
 
+def _sampling(body: dict, max_sequences: int) -> SamplingParams:
+    """The sampling parameters; their ranges are SamplingParams' own (sampling.py), the same as the
+    command line's and the Python API's."""
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - max_sequences):
+        raise ApiError(400, "'seed' must be a non-negative integer below 2**63", param="seed")
+    top_k = body.get("top_k")
+    try:
+        return SamplingParams(
+            temperature=_number(body, "temperature", 1.0, 0, 2, "between 0 and 2"),
+            top_p=_get(body, "top_p", (int, float), 1.0, "a number"),
+            top_k=0 if top_k == -1 else _get(body, "top_k", (int,), 0, "an integer"),  # vLLM: -1 is off
+            min_p=_get(body, "min_p", (int, float), 0.0, "a number"),
+            repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0, "a number"),
+            seed=seed,
+        )
+    except PicoGPTError as e:
+        raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
+
+
 def _stop(value) -> list[str]:
-    """OpenAI's stop: a string or a list of up to MAX_STOP strings, at most MAX_STOP_CHARS in all
-    (each is searched for in the text after every token)."""
+    """OpenAI's stop: a string or a list of strings, at most MAX_STOP of them and MAX_STOP_CHARS
+    characters in all (each is searched for in the text after every token)."""
     try:
         stop = [s for s in validate.strings("stop", value) if s]
     except PicoGPTError:
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop") from None
     if len(stop) > MAX_STOP or sum(map(len, stop)) > MAX_STOP_CHARS:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings of {MAX_STOP_CHARS} characters in all", param="stop")
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings and {MAX_STOP_CHARS} characters in all", param="stop")
     return stop
 
 
-def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
+def _prompts(prompt, tokenizer, n_vocab, n_ctx) -> tuple[list[list[int]], list[str]]:
     """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of lists of them."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -219,6 +233,18 @@ def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
         )
     try:
         if all(isinstance(p, str) for p in prompt):
+            for p in prompt:  # refused by size before any work: every token holds at most max_token_bytes bytes
+                if (
+                    len(p) > n_ctx * tokenizer.max_token_bytes
+                    or len(p.encode("utf-8", "surrogatepass")) > n_ctx * tokenizer.max_token_bytes
+                ):
+                    raise ApiError(
+                        400,
+                        f"This model's maximum context length is {n_ctx} tokens; a prompt of {len(p.encode('utf-8', 'surrogatepass'))} bytes "
+                        "holds more tokens than that. Please reduce your prompt.",
+                        param="prompt",
+                        code="context_length_exceeded",
+                    )
             return [validate.prompt_start(tokenizer.encode(p), tokenizer.eot_token) for p in prompt], list(prompt)
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             prompt = [prompt]
@@ -228,6 +254,46 @@ def _prompts(prompt, tokenizer, n_vocab) -> tuple[list[list[int]], list[str]]:
     except PicoGPTError as e:  # ids out of the vocabulary, a lone surrogate in the text
         raise ApiError(400, str(e), param="prompt") from None
     return [validate.prompt_start(p, tokenizer.eot_token) for p in ids], [tokenizer.decode(p) for p in ids]
+
+
+MAX_TOKENIZE_CHARS = 1 << 20  # text of one /tokenize request
+
+
+def parse_tokenize(body) -> tuple[str, bool, bool]:
+    """A /tokenize body: (the text, whether to give each token's piece, whether to read special
+    tokens' text as their ids). vLLM sends "prompt" (and "add_special_tokens", nothing for GPT-2),
+    llama.cpp's server "content" (and "add_special", "with_pieces", "parse_special")."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    known = {"model", "prompt", "content", "add_special_tokens", "add_special", "with_pieces", "parse_special"}
+    unknown = [k for k in body if k not in known]
+    if unknown:
+        raise ApiError(400, f"unknown parameter '{unknown[0]}'; /tokenize takes {', '.join(sorted(known))}", param=unknown[0])
+    text = body.get("prompt", body.get("content"))
+    if not isinstance(text, str):
+        raise ApiError(400, "/tokenize needs the text as 'prompt' (or 'content'), a string", param="prompt")
+    if len(text) > MAX_TOKENIZE_CHARS:
+        raise ApiError(400, f"the text is over {MAX_TOKENIZE_CHARS} characters; tokenize it in parts", param="prompt")
+    try:
+        check_text(text)
+    except PicoGPTError as e:  # a lone surrogate
+        raise ApiError(400, str(e), param="prompt") from None
+    flags = [
+        _get(body, name, (bool,), False, "true or false") for name in ("with_pieces", "parse_special", "add_special_tokens", "add_special")
+    ]
+    return text, flags[0], flags[1]
+
+
+def parse_detokenize(body, tokenizer) -> list[int]:
+    if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
+        raise ApiError(400, "/detokenize needs 'tokens', a list of token ids", param="tokens")
+    unknown = [k for k in body if k not in ("model", "tokens")]
+    if unknown:
+        raise ApiError(400, f"unknown parameter '{unknown[0]}'; /detokenize takes model, tokens", param=unknown[0])
+    try:
+        return validate.token_ids(body["tokens"], tokenizer.n_vocab, name="tokens").tolist()
+    except PicoGPTError as e:
+        raise ApiError(400, str(e), param="tokens") from None
 
 
 # --------------------------------------------------------------------------- responses
@@ -251,7 +317,7 @@ class Choice:
         self.text, self.ids = "", []
         self.generated = 0  # tokens the model produced, a stop string's included (the usage count)
         self.finish_reason: str | None = None
-        self.error: str | None = None
+        self.error: PicoGPTError | None = None  # what ended the sequence early (scheduler.Event.ERROR)
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         self.prompt_text = tokenizer.incremental_decoder()  # the echoed prompt's text, chunk by chunk (echo with logprobs)
 
@@ -264,12 +330,12 @@ class Choice:
             return self._add(self.job.echo_texts[self.index // self.job.n], None)
         return None
 
-    def apply(self, kind: str, payload) -> tuple[str, dict | None] | None:
-        if kind == "tokens":
+    def apply(self, kind: Event, payload) -> tuple[str, dict | None] | None:
+        if kind is Event.TOKENS:
             return self._tokens(*payload)
-        if kind == "prompt_logprobs":
+        if kind is Event.PROMPT_LOGPROBS:
             return self._prompt(*payload) if self.job.echo else None
-        if kind == "done":
+        if kind is Event.DONE:
             self.finish_reason = FINISH_REASON[payload.stop_reason]
             self.generated = payload.generated
         else:

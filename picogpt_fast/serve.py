@@ -5,14 +5,20 @@ events from sse-starlette, metrics from prometheus_client), in front of one `Sch
     POST /v1/completions        prompt(s) in, completions out (streamed with "stream": true)
     POST /v1/chat/completions   an OpenAI-style error: a base model has no chat template
     GET  /v1/models             the model served
+    POST /tokenize              text -> token ids, POST /detokenize: ids -> text (llama.cpp's and vLLM's shapes)
+    GET  /tokenizer_info        the tokenizer's special tokens (vLLM's; lm-evaluation-harness reads it)
     GET  /health                200 once warmed up; 503 while starting or shutting down
     GET  /metrics               Prometheus text: requests, tokens, batch occupancy, queue depth, TTFT
 
 HTTP lives here; the API's translation (requests into jobs, events into choices) is openai.py's.
 Requests are checked completely before they reach the scheduler: a bad one gets a 400 with
 OpenAI's error JSON and costs the others nothing. What one request may cost is bounded: its body
-(MAX_BODY, counted as it arrives, chunked or not), its stop strings (openai.MAX_STOP), its
-sequences (--max-queue), its prompt's log-probabilities (computed chunk by chunk, scheduler.py).
+(MAX_BODY, counted as it arrives, chunked or not), its prompt's size (refused before tokenizing when
+it cannot fit the context), its stop strings (openai.MAX_STOP_CHARS), its sequences (openai.MAX_N,
+MAX_SEQUENCES, and a fair share of the batch slots while others wait: scheduler.py), its prompt's
+log-probabilities (computed chunk by chunk), a stream nobody reads (SEND_TIMEOUT). What one
+connection may cost too: a connection that sends no request within HEADER_TIMEOUT is closed, and
+past MAX_CONNECTIONS a new one is answered 503 and closed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import collections
 import contextlib
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,15 +42,19 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import openai
-from .errors import PicoGPTError
+from .errors import PicoGPTError, ShuttingDown
 from .openai import ApiError
 from .sampling import SamplingParams
-from .scheduler import QueueFull, Request, Scheduler, ShuttingDown
+from .scheduler import Event, QueueFull, Request, Scheduler
 
 MAX_BODY = 4 << 20  # bytes: far more than any prompt that fits a GPT-2 context
 FLUSH_S = 2.0  # after the shutdown grace, time for the last events to reach the clients
+SEND_TIMEOUT = 30.0  # seconds a stream's send may wait on a client that does not read; then it is cancelled
+HEADER_TIMEOUT = 10.0  # seconds a new connection has to send its request's headers
+MAX_CONNECTIONS = 512  # open connections; past them a new one gets 503 at once (file descriptors stay free)
 
 
 def _error(e: ApiError, headers: dict | None = None) -> JSONResponse:
@@ -97,7 +108,7 @@ class _Events:
     def sink(self, index: int):
         def put(kind, payload):
             self.items.append((index, kind, payload))
-            if self.live or kind in ("done", "error"):
+            if self.live or kind in (Event.DONE, Event.ERROR):
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
                     self.loop.call_soon_threadsafe(self.ready.set)
 
@@ -127,14 +138,30 @@ class Server:
         self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics)
         self.ready = self.draining = False
         self.scheduler_thread = scheduler_thread
+        self._tokenizing = asyncio.Semaphore(2)
+
+    def config(self, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options):
+        """uvicorn's Config for this server's app, with the connection bounds (_Connection)."""
+        import uvicorn
+
+        return uvicorn.Config(self.app(), host=host, port=port, log_level=log_level, lifespan="on", http=_Connection, **options)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
+        asyncio.get_running_loop().set_exception_handler(_quiet_accept_errors)
         if self.scheduler_thread:
             self.scheduler.start()
         warm = threading.Event()  # one short request, so that the first client does not pay for first calls
         self.scheduler.submit(
-            [Request([self.model.eos_id], 2, SamplingParams(), lambda kind, _: kind in ("done", "error") and warm.set(), counted=False)]
+            [
+                Request(
+                    [self.model.eos_id],
+                    2,
+                    SamplingParams(),
+                    lambda kind, _: kind in (Event.DONE, Event.ERROR) and warm.set(),
+                    counted=False,
+                )
+            ]
         )
         await asyncio.to_thread(warm.wait)
         self.ready = True
@@ -156,6 +183,9 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
         ]
@@ -180,6 +210,42 @@ class Server:
     async def metrics_page(self, request: HTTPRequest) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def tokenize(self, request: HTTPRequest) -> Response:
+        """{"prompt" (vLLM) or "content" (llama.cpp's server): text} -> {"tokens", "count",
+        "max_model_len"}; "with_pieces": true gives each token as {"id", "piece"}; "parse_special":
+        true reads the text <|endoftext|> as its special id (by default it is text, as in a prompt)."""
+        try:
+            body = await _read_json(request)
+            text, pieces, special = openai.parse_tokenize(body)
+            async with self._tokenizing:  # a long text takes a thread for a while: one or two at a time
+                ids = await asyncio.to_thread(self.model.tokenizer.encode, text, allowed_special="all" if special else ())
+        except ApiError as e:
+            return _error(e)
+        tokens = [{"id": i, "piece": openai.token_text(self.model.tokenizer, i)} for i in ids] if pieces else ids
+        return JSONResponse({"tokens": tokens, "count": len(ids), "max_model_len": self.model.config.n_ctx})
+
+    async def detokenize(self, request: HTTPRequest) -> Response:
+        """{"tokens": ids} -> {"prompt" (vLLM), "content" (llama.cpp's server): text}."""
+        try:
+            ids = openai.parse_detokenize(await _read_json(request), self.model.tokenizer)
+        except ApiError as e:
+            return _error(e)
+        text = self.model.tokenizer.decode(ids)
+        return JSONResponse({"prompt": text, "content": text})
+
+    async def tokenizer_info(self, request: HTTPRequest) -> Response:
+        tok = self.model.tokenizer
+        eos = tok.decode([tok.eot_token]) if tok.eot_token is not None else None
+        return JSONResponse(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "eos_token": eos,
+                "bos_token": eos,
+                "pad_token": None,
+                "model_max_length": self.model.config.n_ctx,
+            }
+        )
+
     async def chat(self, request: HTTPRequest) -> Response:
         message = f"'{self.names[0]}' is a base model without a chat template; send a text prompt to /v1/completions instead"
         return _error(ApiError(400, message, code="chat_not_supported"))
@@ -199,7 +265,13 @@ class Server:
         self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts) * job.n)
         pieces = self._pieces(job, choices, requests, events)
         if job.stream:
-            return EventSourceResponse(_sse(job, choices, pieces), ping=15, sep="\n", shutdown_grace_period=self.shutdown_grace + FLUSH_S)
+            return EventSourceResponse(
+                _sse(job, choices, pieces),
+                ping=15,
+                sep="\n",
+                send_timeout=SEND_TIMEOUT,
+                shutdown_grace_period=self.shutdown_grace + FLUSH_S,
+            )
         return await _whole(request, job, choices, pieces)
 
     async def _job(self, request: HTTPRequest) -> openai.Job:
@@ -233,8 +305,8 @@ class Server:
                     added = c.apply(kind, payload)
                     if c.error is not None:
                         self.metrics.requests.labels("error").inc()
-                        code = "shutting_down" if "shutting down" in c.error else None
-                        raise ApiError(503 if code else 500, c.error, kind="server_error", code=code)
+                        down = isinstance(c.error, ShuttingDown)
+                        raise ApiError(503 if down else 500, str(c.error), kind="server_error", code="shutting_down" if down else None)
                     if added is not None:
                         yield c, *added
                     if c.finish_reason is not None:
@@ -282,6 +354,7 @@ def _request(job: openai.Job, index: int, sink) -> Request:
         stop_at_eos=job.stop_at_eos,
         logprobs=0 if job.logprobs is None else max(job.logprobs, 1),
         prompt_logprobs=job.echo and job.logprobs is not None,
+        group=job.id,
     )
 
 
@@ -346,20 +419,76 @@ async def _http_error(request, exc: HTTPException) -> Response:
     return _error(ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail))))
 
 
-def serve(
-    model, names, host: str, port: int, max_batch: int, max_queue: int, shutdown_grace: float, log_level: str = "info", on_listening=None
-) -> None:
-    """Run the server until SIGINT or SIGTERM: then stop taking requests, let the running ones
-    finish for up to `shutdown_grace` seconds, cancel the rest, and return. `on_listening()` is
-    called once the socket is bound and the model warmed up."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening; a port in use (or an address this machine lacks)
+    is one error line."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise PicoGPTError(f"cannot listen on {host}:{port} ({e.strerror or e}); is the port in use? choose another with --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with two bounds: past MAX_CONNECTIONS open ones, a new one is
+    answered 503 and closed at once; one that has not sent a request's headers HEADER_TIMEOUT seconds
+    after it opened is closed (uvicorn times out idle keep-alive connections only after a request)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            body = json.dumps(ApiError(503, f"the server has {MAX_CONNECTIONS} connections open; retry later", kind="server_error").body())
+            transport.write(
+                f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
+                f"content-length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            transport.close()
+            return
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._no_request)
+
+    def _no_request(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)
+
+
+_accept_errors = [0.0]  # when an accept error was last logged
+
+
+def _quiet_accept_errors(loop, context) -> None:
+    """asyncio logs a traceback for every connection it fails to accept (no file descriptor left):
+    here, one line every 10 seconds at most."""
+    if "socket.accept" in str(context.get("message", "")):
+        if time.monotonic() - _accept_errors[0] > 10:
+            _accept_errors[0] = time.monotonic()
+            print(
+                f"picogpt-fast serve: cannot accept connections ({context.get('exception') or context['message']}); too many open",
+                file=sys.stderr,
+            )
+        return
+    loop.default_exception_handler(context)
+
+
+def serve(model, names, sock, max_batch: int, max_queue: int, shutdown_grace: float, log_level: str = "info", on_listening=None) -> None:
+    """Run the server on a listening socket (`listen`) until SIGINT or SIGTERM: then stop taking
+    requests, let the running ones finish for up to `shutdown_grace` seconds, cancel the rest, and
+    return. `on_listening()` is called once the model is warmed up and requests are served."""
     import uvicorn
 
     state = Server(model, names, max_batch, max_queue, shutdown_grace, scheduler_thread=False)
-    config = uvicorn.Config(
-        state.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace + FLUSH_S, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    web = threading.Thread(target=server.run, name="picogpt-fast http", daemon=True)  # no signal handlers off the main thread
+    server = uvicorn.Server(state.config(log_level=log_level, timeout_graceful_shutdown=shutdown_grace + FLUSH_S))
+    # no signal handlers off the main thread
+    web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="picogpt-fast http", daemon=True)
     interrupted = []
 
     def stop(sig, frame):
@@ -388,6 +517,6 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        raise PicoGPTError(f"the server could not start on {host}:{port} (see the error above); is the port in use?")
+        raise PicoGPTError("the server could not start (see the error above)")
     if interrupted:
         raise KeyboardInterrupt

@@ -141,6 +141,27 @@ def map_file(path: Path) -> mmap.mmap:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def read_file(path: Path) -> np.ndarray:
+    """The whole file read into memory of this process (cache-line aligned, so that tensors the
+    writer aligned stay aligned): unlike a mapping, nothing written to the file later reaches it."""
+    from .memory import empty
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = empty(max(size, 1))
+            view_ = memoryview(buf)
+            done = 0
+            while done < size:
+                n = f.readinto(view_[done:size])
+                if not n:
+                    raise CheckpointError(f"{path} became shorter while it was read; convert the model again")
+                done += n
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    return buf
+
+
 def view(entry: TensorEntry, buf) -> np.ndarray:
     """The tensor's raw data as a read-only array over the mapped file (copied only when unaligned)."""
     dtype = DTYPES[entry.dtype]

@@ -31,7 +31,9 @@ SPECIAL_TOKENS = (ENDOFTEXT,)
 # Pieces longer than this (in bytes) are merged with a heap, O(n log n), instead of the
 # O(n^2) rescans of OpenAI's loop, so that a 100 kB run without spaces does not stall.
 _HEAP_MERGE_MIN_LEN = 48
-_CACHE_MAX = 200_000
+# Encoded pieces are remembered up to this many, each of at most _CACHE_PIECE characters, so that the
+# cache's memory stays bounded whatever the texts (a 1 MB "word" is encoded, never kept).
+_CACHE_MAX, _CACHE_PIECE = 100_000, 64
 # Tokenizer files beyond these are not GPT-2 tokenizers (GPT-2's: 1 MB, 50257 tokens).
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_VOCAB = 1 << 24
@@ -57,7 +59,10 @@ class Tokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
         self.encoder = vocab
         self.n_vocab = max(vocab.values()) + 1
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}  # a repeated merge ranks where it last appears, as in OpenAI's
+        # The heap merge's shortcut holds when every merge appears once; otherwise every piece takes OpenAI's loop.
+        self._heap = len(self.bpe_ranks) == len(merges)
+        self.max_token_bytes = max(map(len, vocab))  # a token's characters in GPT-2's alphabet are its bytes (added tokens aside)
         byte_encoder = bytes_to_unicode()
         # latin-1 decoding turns each byte b into chr(b); these tables map it into GPT-2's alphabet and back.
         self._byte_alphabet = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
@@ -165,15 +170,17 @@ class Tokenizer:
             hit = cache.get(piece)
             if hit is None:
                 hit = self._encode_piece(piece)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[piece] = hit
+                if len(piece) <= _CACHE_PIECE:
+                    if len(cache) >= _CACHE_MAX:
+                        cache.clear()
+                    cache[piece] = hit
             ids.extend(hit)
         return ids
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
         symbols = piece.encode("utf-8").decode("latin-1").translate(self._byte_alphabet)
-        merged = _merge_heap(symbols, self.bpe_ranks) if len(symbols) >= _HEAP_MERGE_MIN_LEN else _merge(symbols, self.bpe_ranks)
+        heap = self._heap and len(symbols) >= _HEAP_MERGE_MIN_LEN
+        merged = _merge_heap(symbols, self.bpe_ranks) if heap else _merge(symbols, self.bpe_ranks)
         try:
             return tuple(self.encoder[t] for t in merged)
         except KeyError as e:
@@ -279,7 +286,8 @@ def _merge_heap(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
     A pair created by a merge always ranks after the merge that created it (BPE learns merges in
     order), so popping (rank, position) from a heap visits the lowest-ranked pair's occurrences left
-    to right, exactly as `_merge` rewrites them.
+    to right, exactly as `_merge` rewrites them. A merges file that repeats a merge breaks that
+    order, and the Tokenizer then uses `_merge` for every piece.
     """
     symbols = list(word)
     n = len(symbols)

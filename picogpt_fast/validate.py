@@ -19,7 +19,7 @@ from .errors import ContextLengthError, InvalidArgumentError
 
 
 def invalid(name: str, value: Any, rule: str) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{name}={_show(value)} is invalid: {rule}")
+    return InvalidArgumentError(f"{name}={_show(value)} is invalid: {rule}", param=name)
 
 
 def _show(value: Any) -> str:
@@ -70,6 +70,8 @@ def sequence_indices(seqs: Any, n_seq: int) -> np.ndarray:
 def _integers(values: Any, name: str, what: str) -> np.ndarray:
     if isinstance(values, (str, bytes)):
         raise InvalidArgumentError(f"{name} must be a sequence of {what}, not {type(values).__name__}")
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in values):  # NumPy would read True as 1
+        raise InvalidArgumentError(f"{name} must be a flat sequence of {what} (got a boolean among them)")
     try:
         arr = np.asarray(values)
     except ValueError:  # ragged nesting
@@ -121,6 +123,15 @@ def sequence_index(seq: Any, n_seq: int) -> int:
 def max_new_tokens(value: Any, n_ctx: int, name: str = "max_new_tokens") -> int:
     """New tokens to generate: 0 up to the context less one (a prompt holds a token at least)."""
     return integer(name, value, 0, n_ctx - 1, f"must be between 0 and {n_ctx - 1} (the context of {n_ctx} tokens holds the prompt too)")
+
+
+MAX_LOGPROBS = 20  # alternatives per token: OpenAI's completions allow 5, vLLM and llama.cpp's server 20
+
+
+def logprobs(value: Any, name: str = "logprobs") -> int:
+    """Alternatives to report per token: 0 (none) to MAX_LOGPROBS (each costs a sort of the logits
+    and a line of output per token, so the count is bounded)."""
+    return integer(name, value, 0, MAX_LOGPROBS, f"must be between 0 and {MAX_LOGPROBS}")
 
 
 def prompt_start(ids: list[int], eos_id: int | None) -> list[int]:

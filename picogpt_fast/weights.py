@@ -146,13 +146,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        content = read_json(index, CheckpointError)
-        weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()
-        ):
-            raise CheckpointError(f"{index} is not a valid safetensors index (a weight_map of file names); re-download the model")
-        files = sorted({folder / name for name in weight_map.values()})
+        files = sorted({folder / name for name in _weight_map(index).values()})
         for path in files:
             if not path.is_file():
                 raise CheckpointError(f"{path} is listed in the safetensors index but missing; re-download the model")
@@ -167,14 +161,32 @@ def read_entries(folder: Path) -> dict[str, TensorEntry]:
     files = checkpoint_files(folder)
     if files[0].name == tf_checkpoint.INDEX_FILE:
         return tf_checkpoint.read_entries(folder)
+    weight_map = _weight_map(folder / SHARD_INDEX_FILE) if len(files) > 1 or files[0].name != WEIGHTS_FILE else None
     entries: dict[str, TensorEntry] = {}
     for path in files:
         found, _ = tensorfile.read_header(path)
         for name, e in found.items():
             if e.dtype not in SOURCE_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {e.dtype}; picogpt-fast loads F32, F16, BF16 or F64 weights")
+            if name in entries:  # a tensor in two shards: which one holds the weights is anyone's guess
+                raise CheckpointError(f"tensor {name!r} is in two shards, {entries[name].path.name} and {path.name}; re-download the model")
+            if weight_map is not None and weight_map.get(name) != path.name:
+                named = weight_map.get(name)
+                where = f"names {named} for it" if named else "does not list it"
+                raise CheckpointError(f"tensor {name!r} is in {path.name}, but {SHARD_INDEX_FILE} {where}; re-download the model")
         entries.update(found)
     return entries
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: tensor name -> the shard file holding it."""
+    content = read_json(index, CheckpointError)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()
+    ):
+        raise CheckpointError(f"{index} is not a valid safetensors index (a weight_map of file names); re-download the model")
+    return weight_map
 
 
 def load_weights(folder: str | os.PathLike, config: GPT2Config) -> GPT2Weights:

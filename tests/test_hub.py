@@ -73,10 +73,18 @@ def test_offline_cache_miss_is_one_clear_line(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        "error: model gpt2-medium is not in the Hugging Face cache and HF_HUB_OFFLINE is set; connect, or pass a local folder "
-        "(on the command line: --model FOLDER)"
+        "error: model gpt2-medium is not in the Hugging Face cache and HF_HUB_OFFLINE is set; connect, "
+        "or name a local folder instead (or set PICOGPT_FAST_MODEL to one)"
     )
     assert r.stdout == ""
+    r = subprocess.run(  # convert takes the model as its argument: the message names no option
+        [PYTHON, "-m", "picogpt_fast", "convert", "gpt2-medium", "--dtype", "int8", "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path)),
+        timeout=300,
+    )
+    assert r.returncode == 1 and "name a local folder instead" in r.stderr and "--model" not in r.stderr
 
 
 def test_unreachable_hub(tmp_path):
@@ -91,7 +99,7 @@ def test_unreachable_hub(tmp_path):
     )
     assert r.returncode == 1
     assert (
-        "model 355M (openai-community/gpt2-medium) is not in the Hugging Face cache and the Hub could not be reached; connect, or pass a local folder"
+        "model 355M (openai-community/gpt2-medium) is not in the Hugging Face cache and the Hub could not be reached; connect, or name a local folder"
         in r.stderr
     )
     assert len(r.stderr.strip().splitlines()) == 1
