@@ -58,7 +58,7 @@ class Running:
 
     def __init__(self, model, **options):
         self.state = Server(model, NAME, **options)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.state.app(), host="127.0.0.1", port=0, log_level="warning"))
+        self.uvicorn = uvicorn.Server(self.state.config(host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
         wait_until(lambda: (self.uvicorn.started and self.state.ready) or not self.thread.is_alive(), 60, "the server did not start")
@@ -222,7 +222,8 @@ def test_models_health_metrics_and_chat(server):
         ({"max_tokens": 1024}, 400, "must be between 0 and 1023"),  # a prompt holds a token at least
         ({"max_tokens": 1023, "prompt": "Hi there"}, 400, "maximum context length is 1024"),
         ({"n": 0}, 400, "'n'"),
-        ({"n": 40}, 400, "'n'"),
+        ({"n": 40}, 400, "'n'"),  # more sequences than this server queues (32)
+        ({"n": 200}, 400, "'n'"),
         ({"best_of": 3}, 400, "best_of"),
         ({"logprobs": 21}, 400, "'logprobs'"),
         ({"stop": [1]}, 400, "'stop'"),
@@ -435,9 +436,9 @@ def test_sigterm_finishes_or_cancels_and_exits_0(long_model_dir):
     )
     log = []
     with server as proc:
-        for line in proc.stdout:  # ready when uvicorn says where it listens: on loopback by default
+        for line in proc.stdout:  # ready when it says where it listens: on loopback by default
             log.append(line)
-            if "Uvicorn running on" in line:
+            if line.startswith("serving "):
                 break
         assert f"http://127.0.0.1:{port}" in log[-1], "".join(log)
         assert raw(f"http://127.0.0.1:{port}/health")[0] == 200
@@ -477,11 +478,9 @@ def test_command_line_errors(long_model_dir, cli):
             timeout=120,
         )
     assert r.returncode == 1, r.stderr
-    assert (
-        r.stderr.strip().splitlines()[-1]
-        == f"error: the server could not start on 127.0.0.1:{port} (see the error above); is the port in use?"
-    )
-    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); is the port in use? choose another with --port"
+    ]  # one line, before the model loads
 
 
 # --------------------------------------------------------------------------- what one client may cost the others
@@ -495,7 +494,7 @@ def test_stop_strings_are_bounded_and_a_flood_of_them_stalls_nobody(server):
         r = server.client.completions.create(model=NAME, prompt="Hi", max_tokens=5)
         other = time.monotonic() - t1
         status, _, answer = flood.result()
-    assert status == 400 and "at most 4 strings" in answer["error"]["message"]
+    assert status == 400 and "at most 64 strings" in answer["error"]["message"]
     assert r.usage.completion_tokens == 5 and other < 1.0, other
     assert time.monotonic() - t0 < 10
     status, _, answer = raw(server.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "stop": ["y" * 1001]})
@@ -602,9 +601,10 @@ def test_the_names_users_send(long_model_dir):
     from picogpt_fast.cli import served_names
 
     assert served_names("gpt2") == ["gpt2"]
-    assert served_names("openai-community/gpt2") == ["openai-community/gpt2", "gpt2"]
+    assert served_names("openai-community/gpt2") == ["gpt2", "openai-community/gpt2"]
     assert served_names("124M") == ["124M", "gpt2"]
-    assert served_names("./models/gpt2-local/") == ["./models/gpt2-local/", "gpt2-local"]
+    assert served_names("./models/gpt2-local/") == ["gpt2-local", "./models/gpt2-local/"]
+    assert served_names("./models/gpt2-local/", "mine") == ["mine", "gpt2-local", "./models/gpt2-local/"]
     port = _free_port()
     with child(
         [PYTHON, "-m", "picogpt_fast", "serve", "--model", str(long_model_dir), "--port", str(port)],
@@ -620,10 +620,142 @@ def test_the_names_users_send(long_model_dir):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         for name in (str(long_model_dir), long_model_dir.name):
             assert client.completions.create(model=name, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
-        assert [m.id for m in client.models.list().data] == [str(long_model_dir)]
+        assert [m.id for m in client.models.list().data] == [long_model_dir.name]  # the short name, as the page's title
 
 
 def test_the_playground_page(server):
     status, headers, page = raw(server.url + "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert NAME in page and "/v1/completions" in page and "http://" not in page.replace("http://127", "")  # nothing from elsewhere
+
+
+# --------------------------------------------------------------------------- bounded under load
+def test_a_prompt_too_large_for_the_context_is_refused_before_it_is_tokenized(server):
+    """A 4 MB word would keep a tokenizer thread busy for minutes and take GBs: it can never fit
+    the context (a token holds at most a few dozen bytes), so it is refused by its size at once."""
+    word = "x" * ((4 << 20) - 100)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: raw(server.url + "/v1/completions", "POST", {"model": NAME, "prompt": word}), range(6)))
+    assert all(status == 400 and body["error"]["code"] == "context_length_exceeded" for status, _, body in answers)
+    assert time.monotonic() - t0 < 20
+    r = server.client.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_a_request_of_many_sequences_shares_the_batch_with_the_others(model):
+    """n=16 on 4 slots, long completions: a later 2-token request gets the next free slot (the big
+    request holds more than its share), so it ends long before the big one, not after it."""
+    running = Running(model, max_batch=4, max_queue=64)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            big = pool.submit(
+                raw, running.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "n": 16, "max_tokens": 200, "temperature": 0}
+            )
+            wait_until(lambda: running.state.scheduler.busy == 4, 30, "the big request did not start")
+            t0 = time.monotonic()
+            small = running.client.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+            small_s = time.monotonic() - t0
+            assert not big.done()  # the small one finished while the big one still ran
+            status, _, body = big.result()
+        big_s = time.monotonic() - t0
+    finally:
+        running.stop()
+    assert small.usage.completion_tokens == 2 and status == 200 and len(body["choices"]) == 16
+    assert small_s < big_s / 3, (small_s, big_s)
+
+
+def test_sequences_per_request_are_capped_whatever_the_queue(model):
+    running = Running(model, max_batch=2, max_queue=100_000)
+    try:
+        status, _, body = raw(running.url + "/v1/completions", "POST", {"model": NAME, "prompt": "Hi", "n": 2_000_000})
+        assert status == 400 and body["error"]["param"] == "n"
+        status, _, body = raw(running.url + "/v1/completions", "POST", {"model": NAME, "prompt": ["a", "b", "c"], "n": 100})
+        assert status == 400 and "at most 128 per request" in body["error"]["message"]
+    finally:
+        running.stop()
+
+
+def test_a_stream_nobody_reads_is_cancelled_after_the_send_timeout(model, monkeypatch):
+    """Its output would otherwise pile up in the server for as long as the connection stays open."""
+    from picogpt_fast import serve as serve_module
+
+    monkeypatch.setattr(serve_module, "SEND_TIMEOUT", 1.0)
+    running = Running(model, max_batch=8, max_queue=16)
+    try:
+        body = json.dumps(
+            {"model": NAME, "prompt": "Hi", "n": 8, "max_tokens": 900, "echo": True, "logprobs": 5, "stream": True, "ignore_eos": True}
+        ).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing: buffers fill at once
+        sock.connect(("127.0.0.1", running.port))
+        sock.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: running.state.scheduler.busy == 8, 30, "the stream did not start")
+        wait_until(lambda: running.state.scheduler.busy == 0, 60, "the unread stream was not cancelled")
+        sock.close()
+        assert running.client.completions.create(model=NAME, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        running.stop()
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_past_the_cap_one_gets_503(model, monkeypatch):
+    from picogpt_fast import serve as serve_module
+
+    monkeypatch.setattr(serve_module, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(serve_module, "MAX_CONNECTIONS", 3)
+    running = Running(model, max_batch=2, max_queue=4)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(3)]
+        slow = silent[2]
+        slow.sendall(b"GET /health HTTP/1.1\r\nHo")  # headers that never end
+        extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+        answer = extra.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 503") and "connections open" in answer
+        t0 = time.monotonic()
+        for s in silent:
+            assert s.recv(4096) == b""  # closed by the server
+            s.close()
+        assert time.monotonic() - t0 < 5
+        assert raw(running.url + "/health")[0] == 200  # and the server serves
+    finally:
+        running.stop()
+
+
+# --------------------------------------------------------------------------- clients nobody here wrote
+def test_tokenize_and_detokenize_answer_as_llama_server_and_vllm_do(server, model):
+    ids = model.tokenizer.encode("Hello world, <|endoftext|> again")
+    status, _, body = raw(server.url + "/tokenize", "POST", {"content": "Hello world, <|endoftext|> again"})  # llama.cpp's server
+    assert status == 200 and body["tokens"] == ids and body["count"] == len(ids) and body["max_model_len"] == 1024
+    status, _, body = raw(server.url + "/tokenize", "POST", {"model": NAME, "prompt": "Hello world", "add_special_tokens": True})  # vLLM
+    assert status == 200 and body["tokens"] == model.tokenizer.encode("Hello world")
+    status, _, body = raw(server.url + "/tokenize", "POST", {"content": "a<|endoftext|>", "parse_special": True, "with_pieces": True})
+    assert status == 200 and body["tokens"] == [{"id": 64, "piece": "a"}, {"id": 50256, "piece": "<|endoftext|>"}]
+    status, _, body = raw(server.url + "/detokenize", "POST", {"tokens": ids})
+    assert status == 200 and body["content"] == body["prompt"] == "Hello world, <|endoftext|> again"
+    status, _, body = raw(server.url + "/tokenizer_info")
+    assert status == 200 and body["eos_token"] == "<|endoftext|>"
+    for path, bad in (
+        ("/tokenize", {"text": "x"}),
+        ("/tokenize", {"prompt": 5}),
+        ("/detokenize", {"tokens": [1, True]}),
+        ("/detokenize", {"tokens": [10**9]}),
+    ):
+        status, _, body = raw(server.url + path, "POST", bad)
+        assert status == 400 and "\n" not in body["error"]["message"], (path, bad)
+
+
+def test_the_request_shapes_lm_eval_sends(server, model):
+    """generate_until: a task's stop strings plus lm-eval's own end-of-text string (5 here, 6 for
+    humaneval's); loglikelihood: token ids, max_tokens 1, echo and logprobs 1."""
+    until = ["\n\nQuestion:", "</s>", "<|im_end|>", "\n\n\n", "Answer:", "<|endoftext|>"]
+    r = server.client.completions.create(model=NAME, prompt=["Once upon a time"], max_tokens=32, temperature=0, stop=until, seed=1234)
+    assert r.choices[0].text == solo(model, "Once upon a time", 32, stop=until).text
+    context, continuation = model.tokenizer.encode("The capital of France"), model.tokenizer.encode(" is Paris")
+    r = server.client.completions.create(
+        model=NAME, prompt=[context + continuation], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234
+    )
+    scored = r.choices[0].logprobs.token_logprobs[len(context) : -1]  # the last is the generated token's, as lm-eval cuts it
+    np.testing.assert_allclose(scored, model.score(context + continuation)[len(context) - 1 :], rtol=1e-6)
