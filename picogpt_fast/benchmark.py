@@ -390,6 +390,7 @@ def run_bench(
     result["bandwidth_gb_s"] = measure_bandwidth(threads)
     weights: dict = {}  # dtype -> EngineWeights: what a decode step reads
     table = _Table(result, config, weights, out) if fmt == "table" else None
+    on_row = table and table.row
     rows: list[Row] = []
     result["int8_kernels"] = None
     for i, dtype in enumerate(dtypes):
@@ -399,51 +400,17 @@ def run_bench(
             result["int8_kernels"] = engine.int8_kernels
             if table is not None:
                 table.note(_int8_line(engine.int8_kernels))
-        rows += bench_model(
-            engine,
-            "numba",
-            config,
-            prompt_lengths,
-            gen,
-            reps,
-            np.random.default_rng(0),
-            dtype,
-            batches,
-            on_row=table and table.row,
-            progress=progress,
-        )
-        if i:
-            del engine  # one model's weights in memory at a time, besides the first
+        rows += bench_model(engine, "numba", config, prompt_lengths, gen, reps, np.random.default_rng(0), dtype, batches, on_row, progress)
+        del engine  # one model's weights in memory at a time, besides the first
     result["peak_rss_bytes"] = peak_rss_bytes()  # the engine's: weights, KV cache, buffers
     if reference:
         ref_gen = min(gen, 16)  # the reference recomputes the whole sequence per token
         reference_model = first.__class__(config, first.weights, backend="numpy")
         rows += bench_model(
-            reference_model,
-            "numpy",
-            config,
-            prompt_lengths,
-            ref_gen,
-            reps,
-            np.random.default_rng(0),
-            first.dtype,
-            on_row=table and table.row,
-            progress=progress,
+            reference_model, "numpy", config, prompt_lengths, ref_gen, reps, np.random.default_rng(0), first.dtype, (), on_row, progress
         )
     if peers:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            result["peer"] = "transformers not installed (pip install '.[peers]')"
-        else:
-            progress("measuring transformers in a process of its own")
-            peer = measure_in_subprocess(spec, "transformers")
-            result["peer"] = peer["version"] + " (float32, measured in a separate process)"
-            for r in peer["rows"]:
-                rows.append(Row(**r))
-                if table is not None:
-                    table.row(rows[-1])
+        rows += _peer_rows(spec, result, on_row, progress)
     progress("measuring the memory's read bandwidth again")
     result["bandwidth_after_gb_s"] = measure_bandwidth(threads)
     result["weights_bytes"] = {dtype: w.nbytes for dtype, w in weights.items()}
@@ -455,6 +422,24 @@ def run_bench(
     else:
         _csv(result, out)
     return result
+
+
+def _peer_rows(spec: dict, result: dict, on_row, progress) -> list[Row]:
+    """transformers' rows, measured in a process of its own (when it is installed)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        result["peer"] = "transformers not installed (pip install '.[peers]')"
+        return []
+    progress("measuring transformers in a process of its own")
+    peer = measure_in_subprocess(spec, "transformers")
+    result["peer"] = peer["version"] + " (float32, measured in a separate process)"
+    rows = [Row(**r) for r in peer["rows"]]
+    for r in rows:
+        if on_row is not None:
+            on_row(r)
+    return rows
 
 
 def _int8_line(kernels: dict) -> str:

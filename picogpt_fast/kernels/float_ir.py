@@ -59,10 +59,63 @@ def _reduce(builder, acc):
     return builder.extract_element(acc, ir.Constant(I32, 0))
 
 
+def _loads(builder, p, c, vector_type) -> list:
+    """The PARTS vectors of chunk c of the row at p."""
+    at = [builder.add(builder.mul(c, ir.Constant(I64, CHUNK)), ir.Constant(I64, 8 * part)) for part in range(PARTS)]
+    return [load(builder, p, a, vector_type, align=4 if vector_type == FLOATS else 2) for a in at]
+
+
+def _padded_loads(builder, p, c, tail, buffer, vector_type, nbytes) -> list:
+    """The PARTS vectors of the last, partial chunk c of the row at p: its `tail` values copied
+    through a zeroed stack buffer, so that nothing past the row is read."""
+    zero = ir.Constant(vector_type, [0.0] * 8 if vector_type == FLOATS else [0] * 8)
+    builder.store(ir.Constant(buffer.type.pointee, [zero] * PARTS), buffer)
+    at = builder.bitcast(builder.gep(p, [builder.mul(c, ir.Constant(I64, CHUNK))]), I8.as_pointer())
+    cgutils.raw_memcpy(builder, builder.bitcast(buffer, I8.as_pointer()), at, builder.mul(tail, ir.Constant(I64, nbytes)), 1)
+    first = builder.bitcast(buffer, vector_type.as_pointer())
+    return [builder.load(builder.gep(first, [ir.Constant(I32, part)])) for part in range(PARTS)]
+
+
+def _dots(builder, form: int, wp, xs: list, K, vector, size: int, w_pad, x_pad) -> list:
+    """x . w for each input row pointer of xs against the weight row at wp (K inputs), summed as in
+    the module's docstring, for weights of format `form`: float32 scalars."""
+    rows = len(xs)
+    full = builder.sdiv(K, ir.Constant(I64, CHUNK))
+    tail = builder.sub(K, builder.mul(full, ir.Constant(I64, CHUNK)))
+
+    def step(c, accs, load_w, load_x):
+        wv = [_widen(builder, v, form) for v in load_w(wp, c)]
+        out = []
+        for i in range(rows):
+            xv = load_x(xs[i], c)
+            out += [fma8(builder, wv[part], xv[part], accs[PARTS * i + part]) for part in range(PARTS)]
+        return out
+
+    def whole(c, accs):
+        return step(c, accs, lambda p, c: _loads(builder, p, c, vector), lambda p, c: _loads(builder, p, c, FLOATS))
+
+    accs = accumulate(builder, full, PARTS * rows, whole, "chunks")
+    before = builder.block
+    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=False):
+        tails = step(
+            full,
+            accs,
+            lambda p, c: _padded_loads(builder, p, c, tail, w_pad, vector, size),
+            lambda p, c: _padded_loads(builder, p, c, tail, x_pad, FLOATS, 4),
+        )
+        then_end = builder.block
+    merged = []
+    for old, new in zip(accs, tails):  # every phi first: LLVM wants them at the top of the block
+        merged.append(builder.phi(FLOATS))
+        merged[-1].add_incoming(old, before)
+        merged[-1].add_incoming(new, then_end)
+    return [_reduce(builder, _pairs(builder, merged[PARTS * i : PARTS * (i + 1)])) for i in range(rows)]
+
+
 def make_tile(rows: int):
     """An intrinsic tile(x, m0, w, n, fmt, out): out[i] = x[m0 + i] . w[n] for i < rows (1 or 2),
-    summed as in the module's docstring. x float32 [M, K]; w [N, K] float32, or the uint16 bits of float16 (fmt
-    F16) or bfloat16 (fmt BF16); out float32 [>= rows]."""
+    summed as in the module's docstring. x float32 [M, K]; w [N, K] float32, or the uint16 bits of
+    float16 (fmt F16) or bfloat16 (fmt BF16); out float32 [>= rows]."""
 
     @intrinsic
     def tile(typingctx, x, m0, w, n, fmt, out):
@@ -81,67 +134,17 @@ def make_tile(rows: int):
             t_x, _, t_w, _, _, t_out = sig.args
             m0_, n_ = (builder.sext(v, I64) if v.type.width < 64 else v for v in (a_m0, a_n))
             K = builder.extract_value(context.make_array(t_x)(context, builder, a_x).shape, 1)
-            full = builder.sdiv(K, ir.Constant(I64, CHUNK))
-            tail = builder.sub(K, builder.mul(full, ir.Constant(I64, CHUNK)))
             xs = [row_pointer(context, builder, t_x, a_x, builder.add(m0_, ir.Constant(I64, i)), F32) for i in range(rows)]
             wp = row_pointer(context, builder, t_w, a_w, n_, element)
-            # The last, partial chunk is copied through zeroed stack buffers, so nothing past a row is read.
-            w_pad, x_pad = (
-                cgutils.alloca_once(builder, ir.ArrayType(vector, PARTS)),
-                cgutils.alloca_once(builder, ir.ArrayType(FLOATS, PARTS)),
-            )
-
-            def whole(p, c, vector_type):
-                """The PARTS vectors of chunk c of a row."""
-                at = [builder.add(builder.mul(c, ir.Constant(I64, CHUNK)), ir.Constant(I64, 8 * part)) for part in range(PARTS)]
-                return [load(builder, p, a, vector_type, align=4 if vector_type == FLOATS else 2) for a in at]
-
-            def padded(p, c, buffer, vector_type, nbytes):
-                zero = ir.Constant(vector_type, [0.0] * 8 if vector_type == FLOATS else [0] * 8)
-                builder.store(ir.Constant(buffer.type.pointee, [zero] * PARTS), buffer)
-                at = builder.bitcast(builder.gep(p, [builder.mul(c, ir.Constant(I64, CHUNK))]), I8.as_pointer())
-                cgutils.raw_memcpy(builder, builder.bitcast(buffer, I8.as_pointer()), at, builder.mul(tail, ir.Constant(I64, nbytes)), 1)
-                first = builder.bitcast(buffer, vector_type.as_pointer())
-                return [builder.load(builder.gep(first, [ir.Constant(I32, part)])) for part in range(PARTS)]
-
-            def sums(form: int):
-                """The tile's outputs for weights of this format, as float32 scalars."""
-
-                def step(c, accs, load_w, load_x):
-                    wv = [_widen(builder, v, form) for v in load_w(wp, c)]
-                    out = []
-                    for i in range(rows):
-                        xv = load_x(xs[i], c)
-                        out += [fma8(builder, wv[part], xv[part], accs[PARTS * i + part]) for part in range(PARTS)]
-                    return out
-
-                accs = accumulate(
-                    builder,
-                    full,
-                    PARTS * rows,
-                    lambda c, a: step(c, a, lambda p, c: whole(p, c, vector), lambda p, c: whole(p, c, FLOATS)),
-                    "chunks",
-                )
-                before = builder.block
-                with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(I64, 0)), likely=False):
-                    tails = step(full, accs, lambda p, c: padded(p, c, w_pad, vector, size), lambda p, c: padded(p, c, x_pad, FLOATS, 4))
-                    then_end = builder.block
-                merged = []
-                for old, new in zip(accs, tails):  # every phi first: LLVM wants them at the top of the block
-                    merged.append(builder.phi(FLOATS))
-                    merged[-1].add_incoming(old, before)
-                    merged[-1].add_incoming(new, then_end)
-                return [_reduce(builder, _pairs(builder, merged[PARTS * i : PARTS * (i + 1)])) for i in range(rows)]
-
+            pads = cgutils.alloca_once(builder, ir.ArrayType(vector, PARTS)), cgutils.alloca_once(builder, ir.ArrayType(FLOATS, PARTS))
             if not half:
-                results = sums(F16)  # float32: no conversion (_widen)
-            else:
-                is_f16 = builder.icmp_signed("==", a_fmt, ir.Constant(a_fmt.type, F16))
-                with builder.if_else(is_f16) as (then, otherwise):
+                results = _dots(builder, F16, wp, xs, K, vector, size, *pads)  # float32: no conversion (_widen)
+            else:  # float16 or bfloat16, as fmt says: both compiled, one run
+                with builder.if_else(builder.icmp_signed("==", a_fmt, ir.Constant(a_fmt.type, F16))) as (then, otherwise):
                     with then:
-                        as_f16, f16_end = sums(F16), builder.block
+                        as_f16, f16_end = _dots(builder, F16, wp, xs, K, vector, size, *pads), builder.block
                     with otherwise:
-                        as_bf16, bf16_end = sums(BF16), builder.block
+                        as_bf16, bf16_end = _dots(builder, BF16, wp, xs, K, vector, size, *pads), builder.block
                 results = []
                 for a, b in zip(as_f16, as_bf16):
                     phi = builder.phi(F32)
