@@ -35,7 +35,8 @@ def main() -> None:
         import json
         from pathlib import Path
 
-        vocab = {i: t for t, i in json.loads((Path(a.model) / "vocabulary.json").read_text()).items()}
+        tokens = json.loads((Path(a.model) / "vocabulary.json").read_text())
+        vocab = dict(enumerate(tokens)) if isinstance(tokens, list) else {i: t for t, i in tokens.items()}  # by version
     except (OSError, ValueError):
         pass
 

@@ -71,7 +71,7 @@ def run_all(x, wq, wscale, b, path, mode=K.STORE, bands=2):
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
 def test_quantized_activations_follow_the_weights_rule(M, Kd):
     """Per row and group of 32: scale = max|x| / 127 and q = round(x / scale), bitwise dtypes.quantize_int8;
-    for VNNI, q + 128 beside it."""
+    for VNNI, 128 * the group's sum of q beside it (an int32)."""
     x = (rng.standard_normal((M, Kd)) * rng.uniform(0.01, 30, (M, 1))).astype(F32)
     x[0, : min(Kd, 32)] = 0  # an all-zero group: scale 0, q 0
     want_q, want_s = dtypes.quantize_int8(x)
@@ -80,8 +80,11 @@ def test_quantized_activations_follow_the_weights_rule(M, Kd):
         q, s = unpacked(x8, xs, M, Kd)
         assert np.array_equal(q, want_q) and np.array_equal(s, want_s)
         if path == PATH_VNNI:
-            unsigned = x8[..., 32:].transpose(0, 2, 1, 3).reshape(-1, xs.shape[1] * 32)[:M, :Kd].view(np.uint8)
-            assert np.array_equal(unsigned, want_q.astype(np.int16) + 128)
+            offsets = np.ascontiguousarray(x8[..., 32:36]).view(np.int32)[..., 0].transpose(0, 2, 1).reshape(-1, xs.shape[1])[:M]
+            groups = -(-Kd // 32)
+            padded = np.zeros((M, groups * 32), np.int64)
+            padded[:, :Kd] = want_q
+            assert np.array_equal(offsets, 128 * padded.reshape(M, groups, 32).sum(axis=2))
 
 
 def test_integer_sums_are_exact():

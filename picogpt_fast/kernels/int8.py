@@ -47,8 +47,8 @@ _vnni_1, _vnni_2, _vnni_3, _vnni_4 = (make_tile(rows, PATH_VNNI) for rows in ran
 
 def packed_shapes(rows: int, inputs: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """Shapes of the quantized activations of `rows` rows of `inputs` values: x8 int8 [packs, G,
-    PACK, 64] (a row's group g: 32 bytes of q, then 32 of its unsigned form) and xs float32 [packs,
-    G, PACK]. A tile of up to PACK rows reads each group of its rows from one place."""
+    PACK, 64] (a row's group g: 32 bytes of q, then for VNNI 128 * the sum of q as an int32) and xs
+    float32 [packs, G, PACK]. A tile of up to PACK rows reads each group of its rows from one place."""
     packs, groups = -(-rows // PACK), -(-inputs // GROUP)
     return (packs, groups, PACK, 2 * GROUP), (packs, groups, PACK)
 
@@ -79,7 +79,7 @@ def quantized_value(v, d):
 def quantize_row(x, x8, xs, m, path):
     """Row m of the activations, x float32 [K], into its pack (packed_shapes): per group g, the
     scale d (group_scale) in xs, q = round(x / d) (zeros past K, and everywhere for a zero or NaN
-    scale) in x8, and for VNNI its unsigned form q + 128 beside it (int8_ir.py)."""
+    scale) in x8, and for VNNI 128 * (the sum of the group's q) beside it (int8_ir.py)."""
     K = x.shape[0]
     pack, slot = m // PACK, m % PACK
     for g in range(xs.shape[1]):
@@ -95,9 +95,13 @@ def quantize_row(x, x8, xs, m, path):
             n = 0
         for k in range(n, GROUP):
             row[k] = 0
-        if path == PATH_VNNI:
+        if path == PATH_VNNI:  # 128 * the sum of q, as the int32 little-endian in the bytes after q
+            total = np.int32(0)
             for k in range(GROUP):
-                row[GROUP + k] = row[k] ^ -128  # as int8 bits: q ^ -128 reads as q + 128 unsigned
+                total += np.int32(row[k])
+            total *= np.int32(128)
+            for t in range(4):
+                row[GROUP + t] = np.int8((total >> np.int32(8 * t)) & np.int32(255))
 
 
 @kernel

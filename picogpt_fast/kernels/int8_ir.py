@@ -24,9 +24,10 @@ share the step.
   needs a second broadcast). Pairs of products are summed into int16 (at most 2 * 127 * 127, no saturation), then `vpmaddwd` by
   ones sums pairs of those into the int32 lanes.
 - VNNI: `vpdpbusd` sums four unsigned-by-signed products into int32 with no saturation; the
-  activation is offset to x + 128 (unsigned, stored beside q by int8.quantize_row), and 128 * (the
-  sum of each row's weights in the group), computed once per block and group and shared by the
-  tile's rows, is taken off the lane. Where the CPU lacks VNNI, `vpdpbusd` is written out in plain vector
+  weight is offset to w + 128 (its sign bit flipped, once per slice for the tile's rows) and is the
+  unsigned side, the activation q the signed one, so each lane holds sum(w * q) + 128 * sum(q).
+  128 * sum(q), one integer per row and group (stored beside q by int8.quantize_row), is taken
+  off every lane: one instruction per product, whatever the number of rows. Where the CPU lacks VNNI, `vpdpbusd` is written out in plain vector
   operations, so the VNNI path's arithmetic is tested on every machine (int8.py never chooses it there).
 
 A path the compile target cannot run (AVX2 on a CPU without it) compiles to a stub that is never
@@ -88,7 +89,7 @@ def make_tile(rows: int, path: int):
     for i < rows, r < 8, each as in the module's docstring: one block of weights against a few rows.
 
     Rows m0..m0+rows-1 lie in one pack of the activations (int8.py: x8 int8 [packs, G, PACK, 64], each
-    row's group as 32 bytes of q then 32 of q + 128; xs float32 [packs, G, PACK]); wp int8 [blocks, G,
+    row's group as 32 bytes of q then, for VNNI, 128 * sum(q) as an int32; xs float32 [packs, G, PACK]); wp int8 [blocks, G,
     256] and wps float32 [blocks, G, 8] are one matrix's interleaved weights and scales."""
     real = emitted(path)
 
@@ -121,14 +122,13 @@ def make_tile(rows: int, path: int):
                 sg = builder.bitcast(builder.gep(sp, [builder.mul(g, s_step)]), F32.as_pointer())
                 base = builder.mul(g, ir.Constant(I64, BLOCK_GROUP))
                 isums = [ir.Constant(LANES, [0] * 8)] * rows
-                total = ir.Constant(LANES, [0] * 8)  # VNNI: 128 * the sum of each row's weights
                 for s in range(8):
                     w = load(builder, wb, builder.add(base, ir.Constant(I64, SLICE * s)), BYTES)
                     if path == PATH_VNNI:
-                        total = _dpbusd(builder, total, const(BYTES, -128), w)  # the byte 128 in every lane
+                        unsigned = builder.xor(w, const(BYTES, -128))  # w + 128, as unsigned bytes
                         for i in range(rows):
-                            x = _broadcast4(builder, xg, ir.Constant(I64, 2 * GROUP * i + GROUP + 4 * s))  # q + 128
-                            isums[i] = _dpbusd(builder, isums[i], x, w)
+                            x = _broadcast4(builder, xg, ir.Constant(I64, 2 * GROUP * i + 4 * s))  # q
+                            isums[i] = _dpbusd(builder, isums[i], unsigned, x)
                     else:
                         magnitude = call(builder, "llvm.abs.v32i8", BYTES, [w, ir.Constant(ir.IntType(1), 0)])
                         for i in range(rows):
@@ -139,7 +139,10 @@ def make_tile(rows: int, path: int):
                 wscale = load(builder, sb, builder.mul(g, ir.Constant(I64, INTERLEAVE)), FLOATS, align=4)
                 out = []
                 for i in range(rows):
-                    isum = builder.sub(isums[i], total) if path == PATH_VNNI else isums[i]  # exact: integer sums in any order
+                    isum = isums[i]
+                    if path == PATH_VNNI:  # less 128 * sum(q): exact, integer sums in any order
+                        offset = _broadcast4(builder, xg, ir.Constant(I64, 2 * GROUP * i + GROUP))
+                        isum = builder.sub(isum, builder.bitcast(offset, LANES))
                     xscale = splat(builder, builder.load(builder.gep(sg, [ir.Constant(I64, i)])), FLOATS)
                     d = builder.fmul(xscale, wscale, flags=STRICT)  # xs * ws, one product per output
                     out.append(fma8(builder, builder.sitofp(isum, FLOATS), d, accs[i]))
