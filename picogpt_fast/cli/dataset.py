@@ -65,32 +65,12 @@ def dataset():
     "-n", "--max-new-tokens", "max_new_tokens", type=int, default=40, show_default=True, help="Number of tokens to generate (at most)."
 )
 @sampling_options
-def dataset_run(
-    dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, verbose, model, revision, dtype, quiet, max_new_tokens, **options
-):
+def dataset_run(**options):
     """Generate for every row: adds `text`, `ids`, `stop_reason` and `error`."""
-    from ..datasets.job import run_job
-
     sampling(*(options[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")))  # checked before Ray starts
     options["stop"] = [utf8(s, "--stop") for s in options["stop"]]
     options["stop_at_eos"] = not options.pop("ignore_eos")
-    run_job(
-        "run",
-        dataset,
-        out,
-        column,
-        ray_address=ray_address,
-        actors_count=actors,
-        cpus_per_actor=cpus_per_actor,
-        batch_size=batch_size,
-        verbose=verbose,
-        info=lambda text: info(quiet, text),
-        model=model_name(model),
-        dtype=dtype,
-        revision=revision,
-        max_new_tokens=max_new_tokens,
-        **options,
-    )
+    _start("run", **options)
 
 
 @dataset.command("score")
@@ -98,23 +78,13 @@ def dataset_run(
 @click.option(
     "--stride", type=int, default=None, help="Sliding-window stride for text longer than the context (default: half the context)."
 )
-def dataset_score(dataset, out, column, ray_address, actors, cpus_per_actor, batch_size, verbose, model, revision, dtype, quiet, stride):
+def dataset_score(**options):
     """Score every row: adds `tokens`, `nll`, `perplexity` and `error`."""
+    _start("score", **options)
+
+
+def _start(kind: str, dataset, out, column, actors, model, quiet, **options) -> None:
+    """The job (datasets/job.py) with the shared options as it takes them and the command's own."""
     from ..datasets.job import run_job
 
-    run_job(
-        "score",
-        dataset,
-        out,
-        column,
-        ray_address=ray_address,
-        actors_count=actors,
-        cpus_per_actor=cpus_per_actor,
-        batch_size=batch_size,
-        verbose=verbose,
-        info=lambda text: info(quiet, text),
-        model=model_name(model),
-        dtype=dtype,
-        revision=revision,
-        stride=stride,
-    )
+    run_job(kind, dataset, out, column, actors_count=actors, info=lambda text: info(quiet, text), model=model_name(model), **options)
