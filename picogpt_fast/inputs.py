@@ -10,6 +10,7 @@ one batch of them at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -21,26 +22,33 @@ from .tokenizer import check_text
 MAX_LINE = 4 << 20  # bytes of one prompt line: as much as the server takes in a request
 MAX_TEXT = 64 << 20  # bytes of one text to score or tokenize
 CHUNK = 1 << 16
-# Fields of a --jsonl line that the results would overwrite (cli.py writes them).
+# Fields of a --jsonl line that the results would overwrite (cli/generate.py writes them).
 RESULT_FIELDS = ("index", "prompt", "prompt_ids", "ids", "text", "stop_reason", "logprobs", "timings")
 
 
-def _open(path: str):
-    """A binary stream: the file, or stdin for "-"."""
+@contextlib.contextmanager
+def _reading(path: str):
+    """A binary stream: the file (closed at the end), or stdin for "-"; a read error is one line."""
     if str(path) == "-":
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:
             raise InvalidArgumentError("stdin cannot be read")
-        return stream
-    p = Path(path)
+    else:
+        try:
+            stream = open(Path(path), "rb")
+        except FileNotFoundError:
+            raise InvalidArgumentError(f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise InvalidArgumentError(f"{path} is a folder; name a file") from None
+        except OSError as e:
+            raise InvalidArgumentError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        return open(p, "rb")
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidArgumentError(f"{path} is a folder; name a file") from None
+        yield stream
     except OSError as e:
-        raise InvalidArgumentError(f"cannot read {path}: {e.strerror or e}") from None
+        raise InvalidArgumentError(f"cannot read {_name(path)}: {e.strerror or e}") from None
+    finally:
+        if str(path) != "-":
+            stream.close()
 
 
 def _name(path) -> str:
@@ -56,54 +64,45 @@ def decode(data: bytes, where: str) -> str:
 
 def read_text(path, what: str = "the text") -> str:
     """A whole file (or stdin for "-") as UTF-8 text, at most MAX_TEXT bytes."""
-    stream = _open(path)
     data = bytearray()
-    try:
+    with _reading(path) as stream:
         while chunk := stream.read(CHUNK):
             data += chunk
             if len(data) > MAX_TEXT:
                 raise InvalidArgumentError(
                     f"{_name(path)} is over {MAX_TEXT >> 20} MiB, more than {what} may be; split it, or score it as a dataset (picogpt-fast dataset score)"
                 )
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot read {_name(path)}: {e.strerror or e}") from None
-    finally:
-        if stream is not getattr(sys.stdin, "buffer", None):
-            stream.close()
     return decode(bytes(data), _name(path))
 
 
 def lines(path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a file (or stdin for "-"), split on "\\n" only, read a
     chunk at a time; a line over MAX_LINE bytes, or not UTF-8, is an error naming it."""
-    stream, name = _open(path), _name(path)
+    name = _name(path)
     pending, number = bytearray(), 0
-    try:
+    with _reading(path) as stream:
         while True:
-            try:
-                chunk = stream.read1(CHUNK)  # what is there (a pipe's lines as they come), at most CHUNK
-            except OSError as e:
-                raise InvalidArgumentError(f"cannot read {name}: {e.strerror or e}") from None
+            chunk = stream.read1(CHUNK)  # what is there (a pipe's lines as they come), at most CHUNK
             pending += chunk
             parts = pending.split(b"\n")
             pending = bytearray(parts.pop())  # the unfinished last line
             for part in parts:
                 number += 1
                 yield number, _line(part, f"{name}:{number}")
-            if len(pending) > MAX_LINE:
-                raise InvalidArgumentError(f"{name}:{number + 1} is over {MAX_LINE >> 20} MiB; a prompt must fit the model's context")
+            _line_size(pending, f"{name}:{number + 1}")
             if not chunk:
                 break
-        if pending:
-            yield number + 1, _line(pending, f"{name}:{number + 1}")
-    finally:
-        if stream is not getattr(sys.stdin, "buffer", None):
-            stream.close()
+    if pending:
+        yield number + 1, _line(pending, f"{name}:{number + 1}")
+
+
+def _line_size(raw: bytes, where: str) -> None:
+    if len(raw) > MAX_LINE:
+        raise InvalidArgumentError(f"{where} is over {MAX_LINE >> 20} MiB; a prompt must fit the model's context")
 
 
 def _line(raw: bytes, where: str) -> str:
-    if len(raw) > MAX_LINE:
-        raise InvalidArgumentError(f"{where} is over {MAX_LINE >> 20} MiB; a prompt must fit the model's context")
+    _line_size(raw, where)
     return decode(bytes(raw[:-1] if raw.endswith(b"\r") else raw), where)
 
 

@@ -233,14 +233,13 @@ def _prompts(prompt, tokenizer, n_vocab, n_ctx) -> tuple[list[list[int]], list[s
         )
     try:
         if all(isinstance(p, str) for p in prompt):
-            for p in prompt:  # refused by size before any work: every token holds at most max_token_bytes bytes
-                if (
-                    len(p) > n_ctx * tokenizer.max_token_bytes
-                    or len(p.encode("utf-8", "surrogatepass")) > n_ctx * tokenizer.max_token_bytes
-                ):
+            limit = n_ctx * tokenizer.max_token_bytes  # refused by size before any work: a token holds at most max_token_bytes
+            for p in prompt:
+                size = len(p) if len(p) > limit else len(p.encode("utf-8", "surrogatepass"))  # characters <= bytes
+                if size > limit:
                     raise ApiError(
                         400,
-                        f"This model's maximum context length is {n_ctx} tokens; a prompt of {len(p.encode('utf-8', 'surrogatepass'))} bytes "
+                        f"This model's maximum context length is {n_ctx} tokens; a prompt of over {limit} bytes "
                         "holds more tokens than that. Please reduce your prompt.",
                         param="prompt",
                         code="context_length_exceeded",

@@ -82,11 +82,14 @@ def sampling_options(f):
     return f
 
 
-def sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed):
-    """The sampling options as SamplingParams: built, and so checked, before anything is loaded."""
+def sampling(options: dict):
+    """The sampling options among a command's (sampling_options) as SamplingParams: built, and so
+    checked, before anything is loaded."""
+    from dataclasses import fields
+
     from ..sampling import SamplingParams
 
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    return SamplingParams(**{f.name: options[f.name] for f in fields(SamplingParams)})
 
 
 def model_name(model: str | None, models_dir: str | None = None) -> str:

@@ -67,7 +67,7 @@ def dataset():
 @sampling_options
 def dataset_run(**options):
     """Generate for every row: adds `text`, `ids`, `stop_reason` and `error`."""
-    sampling(*(options[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")))  # checked before Ray starts
+    sampling(options)  # checked before Ray starts
     options["stop"] = [utf8(s, "--stop") for s in options["stop"]]
     options["stop_at_eos"] = not options.pop("ignore_eos")
     _start("run", **options)

@@ -93,7 +93,7 @@ def run(
     from .. import validate
 
     need_stdout()
-    params = sampling(*(options.pop(k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")))
+    params = sampling(options)
     stop = [utf8(s, "--stop") for s in options.pop("stop")]
     generate = dict(stop=stop, stop_at_eos=not options.pop("ignore_eos"), clip=clip, sampling=params)
     path = prompt_file or jsonl_file
@@ -122,18 +122,14 @@ def run(
     (c,), timings = gpt.complete([ids], max_new_tokens, **generate)
     info(quiet, _timing_line(timings))
     if as_json:
-        record = {"prompt": prompt, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text, "stop_reason": c.stop_reason}
-        record["timings"] = timings.as_dict()
-        if generate["logprobs"]:
-            record["logprobs"] = c.logprobs
-        print_json(record)
+        print_json({**_record(prompt, c, generate["logprobs"]), "timings": timings.as_dict()})
     else:
         click.echo((prompt if echo else "") + c.text)
 
 
 def _run_lines(resolved, path, jsonl, as_json, echo, max_new_tokens, generate, backend, dtype, threads, quiet):
     """Every line of a prompt file, BATCH at a time: checked as it is read (the first batch before
-    the weights load), generated, printed; a line over a few lines of progress on stderr."""
+    the weights load), generated, printed; after the first batch, a line of progress on stderr."""
     from .. import validate
 
     tokenizer, config = resolved.tokenizer, resolved.config
@@ -149,17 +145,21 @@ def _run_lines(resolved, path, jsonl, as_json, echo, max_new_tokens, generate, b
         completions, _ = gpt.complete(ids, max_new_tokens, **generate)
         for (prompt, fields), c in zip(batch, completions):
             if as_json or jsonl:
-                record = {"index": done, **fields, "prompt": prompt, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text}
-                record["stop_reason"] = c.stop_reason
-                if generate["logprobs"]:
-                    record["logprobs"] = c.logprobs
-                print_json(record)
+                print_json({"index": done, **fields, **_record(prompt, c, generate["logprobs"])})
             else:
                 click.echo((prompt if echo else "") + c.text)
             done += 1
         sys.stdout.flush()
         if done > BATCH:
             info(quiet, f"picogpt-fast: {count(done, 'prompt')} done in {time.perf_counter() - t0:.1f} s")
+
+
+def _record(prompt: str, c, logprobs: int) -> dict:
+    """One prompt's result as --json prints it (inputs.RESULT_FIELDS names every field written)."""
+    record = {"prompt": prompt, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text, "stop_reason": c.stop_reason}
+    if logprobs:
+        record["logprobs"] = c.logprobs
+    return record
 
 
 def _stream(gpt, ids, prompt, echo, max_new_tokens, generate, quiet):
